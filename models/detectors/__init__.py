@@ -1,0 +1,1 @@
+"""Face detectors. ``create_detector(name, **options)`` picks a backend by name."""

@@ -1,0 +1,31 @@
+"""The FaceDetector interface: an RGB image in, face boxes out."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+from models.base import InferenceModel
+from models.types import FaceBox
+
+
+class FaceDetector(InferenceModel):
+    """Detects faces in HxWx3 uint8 RGB images.
+
+    Boxes come back in original-image pixels, sorted by score (highest first), with
+    ``landmarks`` filled when the backend (or a landmark stage) provides them.
+    """
+
+    def detect(self, image: np.ndarray) -> list[FaceBox]:
+        self.load()
+        return self._detect(image)
+
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[FaceBox]]:
+        """Backends that can batch override this; the default loops."""
+        self.load()
+        return [self._detect(image) for image in images]
+
+    @abstractmethod
+    def _detect(self, image: np.ndarray) -> list[FaceBox]: ...

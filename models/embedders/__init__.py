@@ -1,0 +1,1 @@
+"""Face embedders. ``create_embedder(name, **options)`` picks a backend by name."""

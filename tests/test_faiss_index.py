@@ -1,0 +1,273 @@
+"""storage.faiss_index on real FAISS (and, at the end, real SQLite as the source of truth)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage.embedding_rows import embedding_face_ids, fetch_embeddings
+from storage.faiss_index import FaceIndex, ids_checksum
+from storage.orm import Embedding, Face, Image
+
+DIM = 16
+
+
+def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    v = rng.standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def filled(rng) -> tuple[FaceIndex, np.ndarray, np.ndarray]:
+    ids = np.arange(100, 400, dtype=np.int64)
+    vecs = unit(rng, len(ids))
+    index = FaceIndex("dlib-v1", DIM)
+    index.add(ids, vecs)
+    return index, ids, vecs
+
+
+class Fetcher:
+    """A fetch_all callable that counts its calls."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.ids, self.vectors, self.calls = ids, vectors, 0
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        self.calls += 1
+        return self.ids, self.vectors
+
+
+# -- in memory ----------------------------------------------------------------------------------
+
+
+def test_search_matches_brute_force_cosine(filled, rng) -> None:
+    index, ids, vecs = filled
+    queries = rng.standard_normal((5, DIM)).astype(np.float32) * 3.0  # not normalised on purpose
+    scores, got = index.search(queries, 7)
+    assert scores.shape == got.shape == (5, 7) and got.dtype == np.int64
+    cos = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ vecs.T
+    order = np.argsort(-cos, axis=1)[:, :7]
+    np.testing.assert_array_equal(got, ids[order])
+    np.testing.assert_allclose(scores, np.take_along_axis(cos, order, axis=1), atol=1e-5)
+
+
+def test_single_query_finds_itself(filled) -> None:
+    index, ids, vecs = filled
+    scores, got = index.search(vecs[42] * 5.0, 3)
+    assert scores.shape == got.shape == (3,)
+    assert got[0] == ids[42] and scores[0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_add_replaces_existing_ids(filled, rng) -> None:
+    index, ids, _ = filled
+    new = unit(rng, 2)
+    index.add([ids[0], ids[1]], new * 2.0)
+    assert len(index) == len(ids)
+    np.testing.assert_allclose(index.reconstruct(int(ids[0])), new[0], atol=1e-6)
+    assert index.search(new[1], 1)[1][0] == ids[1]
+    # within one call the last vector for a repeated id wins
+    index.add([7, 7], new)
+    assert len(index) == len(ids) + 1
+    np.testing.assert_allclose(index.reconstruct(7), new[1], atol=1e-6)
+
+
+def test_remove(filled) -> None:
+    index, ids, vecs = filled
+    assert index.remove([ids[0], ids[1], 999_999]) == 2
+    assert len(index) == len(ids) - 2 and ids[0] not in index and ids[2] in index
+    _, got = index.search(vecs[:2], len(index))
+    assert not np.isin(got, ids[:2]).any()
+    assert index.remove([ids[0]]) == 0
+    with pytest.raises(KeyError):
+        index.reconstruct(int(ids[0]))
+
+
+def test_k_larger_than_index_and_empty_index(rng) -> None:
+    index = FaceIndex("v", DIM)
+    s, i = index.search(unit(rng, 1)[0], 5)
+    assert s.shape == i.shape == (0,)
+    s, i = index.search(unit(rng, 3), 5)
+    assert s.shape == i.shape == (3, 0)
+    index.add([1, 2], unit(rng, 2))
+    s, i = index.search(unit(rng, 4), 10)
+    assert i.shape == (4, 2) and (i != -1).all()
+    assert sorted(index.search(unit(rng, 1)[0], 10)[1]) == [1, 2]
+
+
+def test_bad_vectors_are_refused(rng) -> None:
+    index = FaceIndex("v", DIM)
+    with pytest.raises(ValueError, match="dim"):
+        index.add([1], unit(rng, 1, DIM + 1))
+    with pytest.raises(ValueError, match="NaN"):
+        index.add([1], np.full((1, DIM), np.nan))
+    with pytest.raises(ValueError, match="zero"):
+        index.add([1], np.zeros((1, DIM)))
+    with pytest.raises(ValueError, match="ids"):
+        index.add([1, 2], unit(rng, 3))
+    assert len(index) == 0
+
+
+def test_concurrent_adds_and_searches(rng) -> None:
+    index = FaceIndex("v", DIM)
+    chunks = [(np.arange(t * 1000, t * 1000 + 200), unit(rng, 200)) for t in range(4)]
+    errors: list[BaseException] = []
+
+    def writer(ids, vecs) -> None:
+        try:
+            for start in range(0, 200, 20):
+                index.add(ids[start : start + 20], vecs[start : start + 20])
+                index.search(vecs[start], 5)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=chunk) for chunk in chunks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(index) == 800
+    assert set(index.ids().tolist()) == {int(i) for ids, _ in chunks for i in ids}
+    for ids, vecs in chunks:
+        assert index.search(vecs[17], 1)[1][0] == ids[17]
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def test_save_and_load(filled, tmp_path: Path) -> None:
+    index, ids, vecs = filled
+    assert index.dirty
+    index_path = index.save(tmp_path)
+    assert not index.dirty
+    _, manifest_path = FaceIndex.paths(tmp_path, "dlib-v1")
+    assert index_path.is_file() and manifest_path.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([index_path.name, manifest_path.name])  # no temp files
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["model_version"] == "dlib-v1" and manifest["dim"] == DIM
+    assert manifest["count"] == len(ids) and manifest["ids_checksum"] == ids_checksum(ids)
+    loaded = FaceIndex.load(tmp_path, "dlib-v1", DIM)
+    assert len(loaded) == len(ids) and not loaded.dirty
+    np.testing.assert_array_equal(loaded.search(vecs[:4], 5)[1], index.search(vecs[:4], 5)[1])
+    assert ids[5] in loaded  # the id set survives the round trip (replacements stay cheap)
+
+
+def test_model_versions_get_separate_files(tmp_path: Path) -> None:
+    a, b = FaceIndex.paths(tmp_path, "dlib/v1"), FaceIndex.paths(tmp_path, "dlib:v1")
+    assert a != b and all(p.parent == tmp_path for p in (*a, *b))
+    assert "/" not in a[0].name and ".." not in FaceIndex.paths(tmp_path, "../../x")[0].name
+
+
+def test_ids_checksum_ignores_order_and_repeats() -> None:
+    assert ids_checksum([3, 1, 2]) == ids_checksum(np.array([1, 2, 3, 3]))
+    assert ids_checksum([1, 2, 3]) != ids_checksum([1, 2, 4])
+
+
+@pytest.fixture
+def saved(filled, tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    index, ids, vecs = filled
+    index.save(tmp_path)
+    return tmp_path, ids, vecs
+
+
+def _load_or_rebuild(directory: Path, fetch: Fetcher, **expect) -> FaceIndex:
+    expect.setdefault("expected_count", len(fetch.ids))
+    expect.setdefault("expected_checksum", ids_checksum(fetch.ids))
+    return FaceIndex.load_or_rebuild(directory, "dlib-v1", DIM, fetch, **expect)
+
+
+def test_load_or_rebuild_loads_a_matching_index(saved) -> None:
+    directory, ids, vecs = saved
+    fetch = Fetcher(ids, vecs)
+    index = _load_or_rebuild(directory, fetch)
+    assert fetch.calls == 0 and len(index) == len(ids)
+
+
+def _damage(kind: str, directory: Path) -> None:
+    index_path, manifest_path = FaceIndex.paths(directory, "dlib-v1")
+    if kind == "index deleted":
+        index_path.unlink()
+    elif kind == "index corrupted":
+        raw = bytearray(index_path.read_bytes())
+        raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+        index_path.write_bytes(bytes(raw))
+    elif kind == "index truncated":
+        index_path.write_bytes(index_path.read_bytes()[:100])
+    elif kind == "manifest deleted":
+        manifest_path.unlink()
+    elif kind == "manifest garbage":
+        manifest_path.write_text("{not json")
+    elif kind == "manifest other dim":
+        manifest = json.loads(manifest_path.read_text())
+        manifest["dim"] = DIM * 2
+        manifest_path.write_text(json.dumps(manifest))
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["index deleted", "index corrupted", "index truncated", "manifest deleted", "manifest garbage", "manifest other dim"],
+)
+def test_load_or_rebuild_rebuilds_damaged_files(saved, kind: str) -> None:
+    directory, ids, vecs = saved
+    _damage(kind, directory)
+    fetch = Fetcher(ids, vecs)
+    index = _load_or_rebuild(directory, fetch)
+    assert fetch.calls == 1 and len(index) == len(ids)
+    assert index.search(vecs[3], 1)[1][0] == ids[3]
+    # the rebuilt index was saved: the next start loads it without asking the database
+    again = Fetcher(ids, vecs)
+    assert len(_load_or_rebuild(directory, again)) == len(ids) and again.calls == 0
+
+
+def test_load_or_rebuild_follows_the_database(saved, rng) -> None:
+    directory, ids, vecs = saved
+    # the database gained a face since the index was saved: count differs
+    db_ids, db_vecs = np.append(ids, 5000), np.vstack([vecs, unit(rng, 1)])
+    fetch = Fetcher(db_ids, db_vecs)
+    index = _load_or_rebuild(directory, fetch)
+    assert fetch.calls == 1 and 5000 in index and len(index) == len(db_ids)
+    # same count, different ids (one face deleted, another added): only the checksum tells
+    db_ids2 = db_ids.copy()
+    db_ids2[0] = 6000
+    fetch2 = Fetcher(db_ids2, db_vecs)
+    index2 = _load_or_rebuild(directory, fetch2)
+    assert fetch2.calls == 1 and 6000 in index2 and ids[0] not in index2
+    # count alone is accepted when that is all the caller has
+    fetch3 = Fetcher(db_ids2, db_vecs)
+    assert len(_load_or_rebuild(directory, fetch3, expected_checksum=None)) == len(db_ids2)
+    assert fetch3.calls == 0
+    with pytest.raises(ValueError):
+        FaceIndex.load_or_rebuild(directory, "dlib-v1", DIM, fetch3)
+
+
+def test_index_built_from_the_database(db_sessions, tmp_data_dir: Path, rng) -> None:
+    vecs = unit(rng, 6)
+    with db_sessions() as s, s.begin():
+        img = Image(sha256="a" * 64, upload_sha256="a" * 64, original_name="x.jpg", width=100, height=100,
+                    size_bytes=1, mime="image/jpeg")
+        faces = [Face(image=img, x1=i, y1=0, x2=i + 10, y2=10, origin="test") for i in range(6)]
+        s.add_all(faces)
+        s.flush()
+        for face, vec in zip(faces, vecs, strict=True):
+            s.add(Embedding.from_array(face.id, "dlib-v1", vec))
+        face_ids = [f.id for f in faces]
+    index_dir = tmp_data_dir / "index"
+    with db_sessions() as s:
+        db_ids = embedding_face_ids(s, "dlib-v1")
+        index = FaceIndex.load_or_rebuild(
+            index_dir, "dlib-v1", DIM, lambda: fetch_embeddings(s, "dlib-v1", DIM),
+            expected_count=len(db_ids), expected_checksum=ids_checksum(db_ids),
+        )
+    assert sorted(index.ids().tolist()) == face_ids
+    assert index.search(vecs[4], 1)[1][0] == face_ids[4]
