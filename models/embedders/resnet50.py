@@ -1,0 +1,249 @@
+"""Our own face embedder: a ResNet50 backbone with a 512-d embedding head.
+
+The weights are ours, trained by ``models.training.embedder_trainer`` (distilled from the
+dlib teacher, then ArcFace/CosFace fine-tuned) and stored as a small dict:
+
+    {"format": CHECKPOINT_FORMAT, "state_dict": {name: fp16 tensor}, "meta": {...}}
+
+``meta`` carries everything inference needs (input size, chip padding, mean/std, head
+config) plus the training recipe, so a checkpoint is self-describing. It is read with
+``torch.load(weights_only=True)``: no pickled code runs. There is no fallback to random
+weights: a missing file raises ``WeightsNotFoundError`` saying how to train one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.embedders.base import FaceEmbedder
+from models.errors import ModelInputError, WeightsNotFoundError
+from models.types import FaceBox
+
+CHECKPOINT_FORMAT = "facelab-resnet50-embedder/1"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "resnet50-face.pt"
+HOW_TO_GET = (
+    "Train it with `python app.py train embedder ...` (or on a GPU: "
+    "`bash models/training/gpu_train.sh embedder`, see models/training/gpu_train.sh), "
+    "then put the checkpoint there or pass its path as resnet50:PATH."
+)
+
+#: inference defaults; every trained checkpoint stores its own copy in ``meta``
+DEFAULT_META: dict[str, Any] = {
+    "embedding_dim": 512,
+    "input_size": 112,
+    "chip_padding": 0.25,
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.5, 0.5, 0.5],
+    "dropout": 0.0,
+}
+
+
+class ResNet50EmbeddingNet(nn.Module):
+    """torchvision ResNet50 (no classifier) + BN -> Dropout -> Linear -> BN head.
+
+    The final BatchNorm (no affine shift learned by the loss) is the usual ArcFace
+    "BN-neck": it centres the features, which makes cosine similarity behave well.
+    """
+
+    def __init__(self, embedding_dim: int = 512, dropout: float = 0.0) -> None:
+        super().__init__()
+        from torchvision.models import resnet50
+
+        backbone = resnet50(weights=None)  # never downloads: our weights come from our checkpoint
+        backbone.fc = nn.Identity()
+        self.backbone = backbone
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(2048),
+            nn.Dropout(dropout),
+            nn.Linear(2048, embedding_dim, bias=False),
+            nn.BatchNorm1d(embedding_dim),
+        )
+        self.embedding_dim = embedding_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Un-normalised embeddings (callers L2-normalise for cosine similarity)."""
+        return self.head(self.backbone(x))
+
+
+def build_net(meta: dict[str, Any]) -> ResNet50EmbeddingNet:
+    return ResNet50EmbeddingNet(int(meta["embedding_dim"]), float(meta.get("dropout", 0.0)))
+
+
+def chips_to_tensor(
+    chips: np.ndarray | torch.Tensor,
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """(N,H,W,3) uint8 chips -> normalised (N,3,S,S) float32 tensor on ``device``.
+
+    Chips of another size are resized (bilinear, antialiased) so stored training chips and
+    freshly aligned chips go through the very same function.
+    """
+    t = torch.as_tensor(chips)
+    if t.ndim != 4 or t.shape[-1] != 3 or t.dtype != torch.uint8:
+        raise ModelInputError(f"expected (N,H,W,3) uint8 chips, got {tuple(t.shape)} {t.dtype}")
+    t = t.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    if t.shape[-2:] != (input_size, input_size):
+        t = F.interpolate(t, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
+    m = torch.tensor(mean, dtype=t.dtype, device=t.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=t.dtype, device=t.device).view(1, 3, 1, 1)
+    return (t - m) / s
+
+
+@torch.inference_mode()
+def embed_chip_array(
+    net: nn.Module,
+    chips: np.ndarray,
+    meta: dict[str, Any],
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    amp: bool = False,
+) -> np.ndarray:
+    """Embed (N,H,W,3) uint8 chips in batches -> (N, dim) float32, L2-normalised."""
+    was_training = net.training
+    net.eval()
+    out = []
+    dev = torch.device(device)
+    try:
+        for start in range(0, len(chips), batch_size):
+            x = chips_to_tensor(chips[start : start + batch_size], meta["input_size"], meta["mean"], meta["std"], dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
+                y = net(x)
+            out.append(F.normalize(y.float(), dim=1).cpu())
+    finally:
+        net.train(was_training)
+    if not out:
+        return np.zeros((0, int(meta["embedding_dim"])), dtype=np.float32)
+    return torch.cat(out).numpy().astype(np.float32, copy=False)
+
+
+def save_checkpoint(net: nn.Module | dict[str, torch.Tensor], meta: dict[str, Any], path: Path | str) -> Path:
+    """Write an fp16 state dict (of a net, or a state dict) + meta atomically (a reader
+    never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = net.state_dict() if isinstance(net, nn.Module) else net
+    state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu() for k, v in source.items()}
+    payload = {"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": dict(meta)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, meta) of a checkpoint written by ``save_checkpoint``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError("resnet50", path, HOW_TO_GET)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ModelInputError(f"{path} is not a FaceLab ResNet50 embedder checkpoint ({CHECKPOINT_FORMAT})")
+    meta = {**DEFAULT_META, **payload["meta"]}
+    return payload["state_dict"], meta
+
+
+def file_sha256(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ResNet50Embedder(FaceEmbedder):
+    """512-d embeddings from our trained ResNet50 (see module docstring)."""
+
+    name = "resnet50"
+    dim = 512
+
+    def __init__(
+        self,
+        checkpoint: Path | str | None = None,
+        device: str | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size
+        self.meta: dict[str, Any] = dict(DEFAULT_META)
+        self._net: ResNet50EmbeddingNet | None = None
+        self._sha = ""
+
+    @property
+    def version(self) -> str:
+        self.load()
+        return f"{self.name}-{self._sha[:12]}"
+
+    def _load(self) -> None:
+        state, meta = load_checkpoint(self.checkpoint)
+        net = build_net(meta)
+        # fp16 on disk, fp32 in memory: CPU inference in fp16 is slow and less exact.
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        net.eval().to(self.device)
+        self.meta = meta
+        self.dim = int(meta["embedding_dim"])
+        self._net = net
+        self._sha = file_sha256(self.checkpoint)
+
+    def embed_chips(self, chips: np.ndarray) -> np.ndarray:
+        """Embed already aligned (N,H,W,3) uint8 chips (resized to the input size)."""
+        self.load()
+        assert self._net is not None
+        return embed_chip_array(self._net, chips, self.meta, self.device, self.batch_size)
+
+    def _embed(self, image: np.ndarray, boxes: Sequence[FaceBox]) -> np.ndarray:
+        from models.align import face_chips
+
+        chips = face_chips(image, boxes, size=int(self.meta["input_size"]), padding=float(self.meta["chip_padding"]))
+        return self.embed_chips(chips)
+
+
+def export_onnx(checkpoint: Path | str, out_path: Path | str, opset: int = 17) -> Path:
+    """Export a checkpoint to ONNX (input "chips": N x 3 x S x S normalised float32,
+    output "embedding": N x dim, already L2-normalised). Needs the ``onnx`` package."""
+    state, meta = load_checkpoint(checkpoint)
+    net = build_net(meta)
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    net.eval()
+
+    class _Normalised(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.normalize(self.inner(x), dim=1)
+
+    size = int(meta["input_size"])
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        _Normalised(net),
+        (torch.zeros(2, 3, size, size),),
+        str(out_path),
+        input_names=["chips"],
+        output_names=["embedding"],
+        dynamic_axes={"chips": {0: "batch"}, "embedding": {0: "batch"}},
+        opset_version=opset,
+        dynamo=False,
+    )
+    return out_path

