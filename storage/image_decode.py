@@ -50,6 +50,7 @@ from PIL import (  # noqa: E402,F401  isort: skip
     JpegImagePlugin,
     MpoImagePlugin,  # JpegImagePlugin hands multi-picture files to it
     PngImagePlugin,
+    PpmImagePlugin,  # PGM/PPM: research face sets (ORL) come as PGM
     TiffImagePlugin,
     WebPImagePlugin,
 )
@@ -67,7 +68,7 @@ MAX_NAME_LENGTH = 255
 
 #: formats Pillow may parse for an upload (its JPEG opener also yields "MPO", the
 #: multi-picture JPEGs of phones)
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
 _JPEG_FORMATS = ("JPEG", "MPO")
 
 MIME_JPEG = "image/jpeg"
@@ -152,7 +153,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejected(f"image is too large to process ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageRejected(
-            "not an image, or a format this app does not accept (JPEG, PNG, GIF, WebP, BMP, TIFF)"
+            "not an image, or a format this app does not accept (JPEG, PNG, GIF, WebP, BMP, TIFF, PGM/PPM)"
         ) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageRejected(f"the image file is damaged ({exc})") from exc

@@ -1,0 +1,177 @@
+"""``python app.py check [--repair]``: do the database, image store and index agree?
+
+The database is the source of truth. Problems and what --repair does:
+- the schema is not at the newest migration, or SQLite's ``quick_check`` fails:
+  reported only (restore a backup; nothing here can fix a damaged database file);
+- an image row whose file is missing or whose bytes no longer match its sha256:
+  reported only (the photo is gone; its labels are kept so nothing a person did is lost);
+- a stored file no row points to (a crash between writing the file and committing the
+  row, or between a privacy delete's commit and its file removal): deleted;
+- temp files left by a crashed writer (image store and index folder): deleted;
+- faces without an embedding from the active embedder: embedded;
+- embeddings of the active version whose size is not the embedder's: deleted and
+  re-embedded (they would stop the index from loading);
+- a saved FAISS index that is missing, damaged, holds other face ids than the database,
+  or holds a vector that differs from the database's (a crash after a re-embedding was
+  committed but before the index was saved keeps the id set and changes a vector):
+  rebuilt from the database.
+
+Without --repair nothing is changed (the saved index is read, not rebuilt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import delete, func, select
+
+from pipeline.context import Lab
+from storage.db import current_revision, head_revision
+from storage.embedding_rows import embedding_face_ids, fetch_embeddings
+from storage.faiss_index import FaceIndex
+from storage.orm import Embedding, Face, Image
+
+#: cosine distance below which an index vector counts as the database's (float32 noise)
+VECTOR_TOLERANCE = 1e-4
+
+
+@dataclass
+class CheckReport:
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    facts: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        out = [f"ok: {f}" for f in self.facts]
+        out += [f"problem: {p}" for p in self.problems]
+        out += [f"repaired: {r}" for r in self.repaired]
+        out.append("consistent" if self.ok else f"{len(self.problems)} problem(s)")
+        return out
+
+
+def check(lab: Lab, repair: bool = False) -> CheckReport:
+    report = CheckReport()
+    _check_database(lab, report)
+    version = lab.model_version
+    with lab.sessions() as session:
+        images = session.execute(select(Image.id, Image.sha256)).all()
+        face_count = session.scalar(select(func.count(Face.id))) or 0
+        unembedded = session.scalars(
+            select(Face.id).where(~Face.id.in_(select(Embedding.face_id).where(Embedding.model_version == version)))
+        ).all()
+        wrong_dim = session.scalars(
+            select(Embedding.face_id).where(Embedding.model_version == version, Embedding.dim != lab.embedder.dim)
+        ).all()
+        db_ids = embedding_face_ids(session, version)
+    report.facts.append(f"{len(images)} image(s), {face_count} face(s), {len(db_ids)} embedding(s) from {version}")
+
+    _check_files(lab, report, images, repair)
+
+    if wrong_dim:
+        report.problems.append(f"{len(wrong_dim)} {version} embedding(s) have {lab.embedder.dim}-d vectors expected")
+        if repair:
+            with lab.write_lock, lab.session() as session:
+                session.execute(delete(Embedding).where(Embedding.model_version == version,
+                                                        Embedding.dim != lab.embedder.dim))
+            report.repaired.append(f"deleted {len(wrong_dim)} malformed embedding(s)")
+            unembedded = sorted(set(unembedded) | set(wrong_dim))
+    if unembedded:
+        report.problems.append(f"{len(unembedded)} face(s) have no {version} embedding")
+        if repair:
+            from pipeline.embed import embed_faces
+
+            embed_faces(lab, list(unembedded))
+            report.repaired.append(f"embedded {len(unembedded)} face(s)")
+
+    _check_index(lab, report, repair)
+    return report
+
+
+def _check_database(lab: Lab, report: CheckReport) -> None:
+    at, head = current_revision(lab.engine), head_revision()
+    if at != head:
+        report.problems.append(f"database schema is at revision {at}, the code expects {head}")
+    else:
+        report.facts.append(f"schema at revision {head} ({lab.engine.dialect.name})")
+    if lab.engine.dialect.name == "sqlite":
+        with lab.engine.connect() as conn:
+            result = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check").all()]
+        if result != ["ok"]:
+            report.problems.append("SQLite quick_check: " + "; ".join(map(str, result[:5])))
+        else:
+            report.facts.append("SQLite quick_check ok")
+
+
+def _check_files(lab: Lab, report: CheckReport, images: list, repair: bool) -> None:
+    known = {sha for _, sha in images}
+    for image_id, sha in images:
+        if not lab.images.exists(sha):
+            report.problems.append(f"image {image_id}: stored file {sha[:12]}… is missing")
+        elif not lab.images.verify(sha):
+            report.problems.append(f"image {image_id}: stored file {sha[:12]}… does not match its checksum")
+
+    orphans = [sha for sha in lab.images.iter_shas() if sha not in known]
+    if orphans:
+        report.problems.append(f"{len(orphans)} stored file(s) belong to no image row")
+        if repair:
+            for sha in orphans:
+                lab.images.delete(sha)
+            report.repaired.append(f"deleted {len(orphans)} orphan file(s)")
+    if repair:  # without --repair a running writer's fresh temp file must not be touched
+        stale = lab.images.remove_stale_temp_files(older_than_s=0)
+        stale += _remove_index_temp_files(Path(lab.settings.index_dir))
+        if stale:
+            report.repaired.append(f"deleted {stale} temp file(s) left by a crashed write")
+
+
+def _remove_index_temp_files(index_dir: Path) -> int:
+    # storage.faiss_index writes ".<name>.<random>.tmp" next to the target, then renames
+    removed = 0
+    for path in index_dir.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _check_index(lab: Lab, report: CheckReport, repair: bool) -> None:
+    version, dim = lab.model_version, lab.embedder.dim
+    with lab.sessions() as session:
+        try:
+            db_ids, db_vectors = fetch_embeddings(session, version, dim)
+        except ValueError:  # malformed rows, reported above and not repaired
+            return
+    problem = None
+    try:
+        saved = FaceIndex.load(lab.settings.index_dir, version, dim)
+    except ValueError as exc:
+        problem = f"the saved search index cannot be used ({exc})"
+    else:
+        index_ids = np.sort(saved.ids())
+        if not np.array_equal(index_ids, db_ids):
+            missing, extra = np.setdiff1d(db_ids, index_ids), np.setdiff1d(index_ids, db_ids)
+            problem = (f"the search index differs from the database ({len(missing)} face(s) missing, "
+                       f"{len(extra)} deleted face(s) still in it)")
+        elif len(db_ids):
+            stale = _stale_vectors(saved, db_ids, db_vectors)
+            if stale:
+                problem = f"the search index holds outdated vectors for {stale} face(s)"
+    if problem is None:
+        report.facts.append(f"search index holds the same {len(db_ids)} face(s) and vectors as the database")
+        return
+    report.problems.append(problem)
+    if repair:
+        lab.rebuild_index()
+        report.repaired.append("rebuilt the search index from the database")
+
+
+def _stale_vectors(index: FaceIndex, ids: np.ndarray, vectors: np.ndarray) -> int:
+    stored = np.stack([index.reconstruct(int(i)) for i in ids])
+    expected = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    cosine = np.sum(stored * expected, axis=1)
+    return int(np.sum(cosine < 1.0 - VECTOR_TOLERANCE))

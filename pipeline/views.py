@@ -1,0 +1,225 @@
+"""What the UI shows, computed without a browser: one function per UI action.
+
+Each function calls one pipeline operation and turns its result into plain values
+(images as numpy arrays, table rows, a message) that Gradio components take as is.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+from PIL import ImageDraw
+
+from pipeline import identities
+from pipeline.context import Lab
+from pipeline.errors import InvalidRequest
+from pipeline.ingest import Upload, ingest
+from pipeline.results import FaceInfo, IngestReport, SearchResult
+from pipeline.search import search_image
+
+Caption = tuple[np.ndarray, str]
+DISPLAY_MAX_SIDE = 1280
+CROP_SIZE = 112
+MATCH_COLOUR = (46, 160, 67)
+FACE_COLOUR = (255, 200, 0)
+
+
+@dataclass(frozen=True)
+class DetectView:
+    report: IngestReport
+    annotated: list[Caption]
+    crops: list[Caption]
+    rows: list[list[object]]
+    face_ids: list[int]
+    message: str
+
+
+@dataclass(frozen=True)
+class SearchView:
+    result: SearchResult
+    gallery: list[Caption]
+    rows: list[list[object]]
+    message: str
+
+
+@dataclass(frozen=True)
+class PeopleView:
+    gallery: list[Caption]
+    rows: list[list[object]]
+    message: str
+
+
+def md(text: object) -> str:
+    """User text made safe inside Markdown: HTML shown as text, Markdown syntax literal."""
+    escaped = html.escape(str(text), quote=False)
+    return re.sub(r"([\\`*_{}\[\]()#+!|~>-])", r"\\\1", escaped)
+
+
+def status_line(lab: Lab) -> str:
+    return (
+        f"Detector: **{lab.settings.detector}** · Embedder: **{lab.settings.embedder}** · "
+        f"Data: `{lab.settings.data_dir}`"
+    )
+
+
+# -- drawing ----------------------------------------------------------------------------
+def face_crop(image: np.ndarray, box: Sequence[float], size: int = CROP_SIZE, margin: float = 0.2) -> np.ndarray:
+    """A square thumbnail around a box, with some context."""
+    x1, y1, x2, y2 = box
+    side = max(x2 - x1, y2 - y1) * (1 + 2 * margin)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    h, w = image.shape[:2]
+    left, top = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
+    right, bottom = int(min(w, cx + side / 2)), int(min(h, cy + side / 2))
+    crop = image[top:max(bottom, top + 1), left:max(right, left + 1)]
+    return np.asarray(PILImage.fromarray(crop).resize((size, size), PILImage.BILINEAR))
+
+
+def draw_faces(image: np.ndarray, faces: Sequence[tuple[Sequence[float], str, bool]]) -> np.ndarray:
+    """The image (scaled to fit the screen) with each box and its label drawn on it."""
+    pil = PILImage.fromarray(image)
+    scale = min(1.0, DISPLAY_MAX_SIDE / max(pil.size))
+    if scale < 1.0:
+        pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), PILImage.BILINEAR)
+    draw = ImageDraw.Draw(pil)
+    thickness = max(2, round(max(pil.size) / 400))
+    for box, label, matched in faces:
+        x1, y1, x2, y2 = (v * scale for v in box)
+        colour = MATCH_COLOUR if matched else FACE_COLOUR
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=thickness)
+        if label:
+            text_box = draw.textbbox((x1, y1), label)
+            top = y1 - (text_box[3] - text_box[1]) - 4
+            top = top if top >= 0 else y2 + 2
+            bg = draw.textbbox((x1, top), label)
+            draw.rectangle((bg[0] - 2, bg[1] - 2, bg[2] + 2, bg[3] + 2), fill=colour)
+            draw.text((x1, top), label, fill=(0, 0, 0))
+    return np.asarray(pil)
+
+
+def _face_label(face: FaceInfo) -> str:
+    if face.identity:
+        return f"#{face.face_id} {face.identity}"
+    if face.suggestion and face.suggestion.is_match:
+        return f"#{face.face_id} {face.suggestion.name}?"
+    return f"#{face.face_id}"
+
+
+# -- Detect tab -------------------------------------------------------------------------
+def detect(lab: Lab, files: Sequence[str | Path], progress: Callable[[float, str], None] | None = None) -> DetectView:
+    if not files:
+        raise InvalidRequest("Choose one or more photos first.")
+    uploads = [Upload(name=Path(f).name, path=Path(f)) for f in files]
+    report = ingest(lab, uploads, progress=progress)
+    annotated: list[Caption] = []
+    crops: list[Caption] = []
+    rows: list[list[object]] = []
+    face_ids: list[int] = []
+    for result in report.files:
+        if not result.ok or result.sha256 is None:
+            continue
+        image = lab.images.open(result.sha256)
+        drawn = draw_faces(image, [(f.box, _face_label(f), f.identity is not None) for f in result.faces])
+        annotated.append((drawn, f"{result.name}: {len(result.faces)} face(s)"))
+        for face in result.faces:
+            s = face.suggestion
+            caption = f"#{face.face_id} · {face.score:.2f}"
+            if face.identity:
+                caption += f" · {face.identity}"
+            elif s is not None:
+                caption += f" · {'' if s.is_match else 'not '}{s.name}? {s.similarity:.2f}"
+            crops.append((face_crop(image, face.box), caption))
+            face_ids.append(face.face_id)
+            rows.append([
+                face.face_id, result.name, round(face.score, 3), face.identity or "",
+                s.name if s else "", round(s.similarity, 3) if s else None,
+            ])
+    lines = [report.summary() + "."]
+    lines += [f"- **{md(r.name)}**: {md(r.error)}" for r in report.files if r.error]
+    lines += [f"- {md(r.name)}: {md(r.note)}" for r in report.files if r.ok and r.note]
+    return DetectView(report, annotated, crops, rows, face_ids, "\n".join(lines))
+
+
+def enroll(lab: Lab, face_id: float | int | None, name: str) -> str:
+    if face_id is None or (isinstance(face_id, float) and (np.isnan(face_id) or not face_id.is_integer())):
+        raise InvalidRequest("Pick a face first: click its crop, or type its id.")
+    person = identities.enroll(lab, int(face_id), name)
+    return f"Face #{int(face_id)} is now **{md(person.name)}** ({person.face_count} face(s))."
+
+
+# -- Search tab -------------------------------------------------------------------------
+def search(lab: Lab, path: str | Path | None, k: int, threshold: float | None) -> SearchView:
+    if not path:
+        raise InvalidRequest("Choose a photo of the person to find.")
+    file = Path(path)
+    result = search_image(lab, file.read_bytes(), file.name, k=k, threshold=threshold)
+    gallery: list[Caption] = []
+    rows: list[list[object]] = []
+    cache: dict[int, np.ndarray] = {}
+    query = result.faces[0]  # the detector's most confident face
+    for rank, match in enumerate(query.matches, start=1):
+        if match.image_id not in cache:
+            cache[match.image_id] = lab.images.open(lab_image_sha(lab, match.image_id))
+        name = match.name or "unknown"
+        gallery.append((face_crop(cache[match.image_id], match.box), f"{rank}. {name} · {match.similarity:.3f}"))
+        rows.append([rank, name, round(match.similarity, 4), "yes" if match.is_match else "no", match.face_id, match.image_id])
+    best = query.people[0] if query.people else None
+    if best is None:
+        message = "Nobody is enrolled yet: name faces in the Detect tab first."
+    elif best.is_match:
+        message = f"Best match: **{md(best.name)}** (similarity {best.similarity:.3f} ≥ {result.threshold:.2f})."
+    else:
+        message = (f"No enrolled person reaches the threshold {result.threshold:.2f}; "
+                   f"closest is {md(best.name)} ({best.similarity:.3f}).")
+    if len(result.faces) > 1:
+        message += f" The photo has {len(result.faces)} faces; results are for the most confident one."
+    return SearchView(result, gallery, rows, message)
+
+
+def lab_image_sha(lab: Lab, image_id: int) -> str:
+    from storage.orm import Image
+
+    with lab.sessions() as session:
+        row = session.get(Image, image_id)
+        if row is None:
+            raise InvalidRequest(f"image {image_id} was deleted")
+        return row.sha256
+
+
+# -- People tab -------------------------------------------------------------------------
+def people(lab: Lab) -> PeopleView:
+    from storage.orm import Face
+
+    everyone = identities.list_people(lab)
+    gallery: list[Caption] = []
+    with lab.sessions() as session:
+        for person in everyone:
+            if person.cover_face_id is None:
+                continue
+            face = session.get(Face, person.cover_face_id)
+            if face is None:
+                continue
+            image = lab.images.open(face.image.sha256)
+            gallery.append((face_crop(image, face.box), f"{person.name} ({person.face_count})"))
+    rows = [[p.identity_id, p.name, p.face_count] for p in everyone]
+    return PeopleView(gallery, rows, f"{len(everyone)} people enrolled.")
+
+
+def rename_person(lab: Lab, old: str, new: str) -> str:
+    person = identities.rename_person(lab, old, new)
+    return f"Renamed to **{md(person.name)}**."
+
+
+def merge_people(lab: Lab, source: str, target: str) -> str:
+    person = identities.merge_people(lab, source, target)
+    return f"Merged into **{md(person.name)}** ({person.face_count} face(s))."
+
+
+def delete_person(lab: Lab, name: str, delete_faces: bool) -> str:
+    return md(identities.delete_person(lab, name, bool(delete_faces)))

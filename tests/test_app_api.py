@@ -1,0 +1,108 @@
+"""Start the real app (``python app.py``) and drive it through gradio_client's named endpoints."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image as PILImage
+from skimage import data as skdata
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    data_dir = tmp_path_factory.mktemp("appdata")
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log_path = data_dir / "app.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "app.py", "--data", str(data_dir), "--port", str(port)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+                try:
+                    if httpx.get(url, timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"app did not answer within 120 s:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    astronaut = skdata.astronaut()
+    PILImage.fromarray(astronaut).save(folder / "astronaut.png")
+    # a second photo of the same person: mirrored, scaled down, darker, on a wider canvas
+    other = PILImage.fromarray(astronaut).transpose(PILImage.FLIP_LEFT_RIGHT).resize((360, 360))
+    canvas = np.full((500, 640, 3), 70, np.uint8)
+    canvas[70:430, 200:560] = (np.asarray(other) * 0.85).astype(np.uint8)
+    PILImage.fromarray(canvas).save(folder / "query.jpg", quality=88)
+    (folder / "notes.txt").write_text("not an image")
+    return {"astronaut": folder / "astronaut.png", "query": folder / "query.jpg", "text": folder / "notes.txt"}
+
+
+def test_upload_enroll_search_through_named_endpoints(app_url: str, photos: dict[str, Path]) -> None:
+    client = Client(app_url, verbose=False)
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/detect", "/enroll", "/search", "/list_people", "/rename_person", "/merge_people", "/delete_person"} <= set(endpoints)
+
+    annotated, crops, table, message, = client.predict(
+        [handle_file(str(photos["astronaut"])), handle_file(str(photos["text"]))], api_name="/detect"
+    )
+    assert "1 face(s) found" in message and "1 file(s) refused" in message
+    assert len(annotated) == 1 and len(crops) == 1
+    face_id = table["data"][0][0]
+
+    enrolled = client.predict(face_id, "Eileen Collins", api_name="/enroll")
+    assert "Eileen Collins" in enrolled
+
+    gallery, results, search_message = client.predict(
+        handle_file(str(photos["query"])), 5, 0.0, api_name="/search"
+    )
+    assert "Best match" in search_message and "Eileen Collins" in search_message
+    top = results["data"][0]
+    assert top[1] == "Eileen Collins" and top[4] == face_id and float(top[2]) > 0.5
+
+    people_gallery, people, _ = client.predict(api_name="/list_people")
+    assert [row[1] for row in people["data"]] == ["Eileen Collins"] and people["data"][0][2] == 1
+
+
+def test_errors_come_back_as_messages(app_url: str) -> None:
+    client = Client(app_url, verbose=False)
+    with pytest.raises(Exception, match="Pick a face first|positive whole number|does not exist"):
+        client.predict(123456, "Somebody", api_name="/enroll")
+    with pytest.raises(Exception, match="No person called"):
+        client.predict("Nobody", "Somebody", api_name="/rename_person")
