@@ -47,7 +47,10 @@ from storage.orm import (
 )
 
 PG_URL = os.environ.get("FACELAB_TEST_PG_URL")
-TABLES = {"images", "identities", "faces", "embeddings", "model_versions", "audit_log", "alembic_version"}
+TABLES = {
+    "images", "identities", "faces", "embeddings", "model_versions", "audit_log", "label_revisions", "users",
+    "alembic_version",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"] if PG_URL else ["sqlite"])

@@ -1,0 +1,371 @@
+"""What the Label tab shows, computed without a browser: one function per UI action.
+
+Each function runs one labeling operation (``pipeline.labeling``) and turns the result
+into plain values the box-annotation component and the side panel take as they are.
+
+Boxes travel through the annotator as ``{"label", "color", "xmin", ...}`` dicts; the
+component keeps no other keys, so a stored face's id rides in its label: "Eileen
+Collins #12" or "face #12". A box whose label lost its "#id" (the person re-typed the
+label) is matched back to the stored face it overlaps most (IoU >= 0.5) that no other
+box claimed; anything else is a new box. The label's text before "#id" is the name;
+"face" (or nothing) means unnamed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from pipeline import labeling
+from pipeline.context import Lab
+from pipeline.errors import InvalidRequest
+from pipeline.labeling import BoxEdit, LabelState, QueueFilter
+from pipeline.views import md
+from storage.orm import HUMAN_ORIGIN, Face, Identity, ImageStatus
+
+#: the label of an unnamed box, and the first (default) choice in the annotator's pop-up
+UNNAMED_LABEL = "face"
+_UNNAMED_WORDS = {"", "face", "new face", "unnamed", "unknown", "?"}
+_LABEL_RE = re.compile(r"^(?P<name>.*?)\s*#(?P<id>\d+)\s*$", re.S)
+#: how many known names the annotator's label pop-up offers (most-used first)
+LABEL_CHOICES = 300
+SUGGESTION_SLOTS = labeling.SUGGESTIONS
+#: rgb(...) strings: the only colour format the annotator accepts back
+NAMED_COLOUR = "rgb(46, 160, 67)"
+DETECTED_COLOUR = "rgb(255, 190, 0)"
+HUMAN_COLOUR = "rgb(51, 136, 255)"
+MATCH_IOU = 0.5
+
+#: queue filter choices shown in the UI -> statuses
+STATUS_CHOICES: dict[str, frozenset[ImageStatus] | None] = {
+    "to do (not started + in progress)": frozenset({ImageStatus.UNREVIEWED, ImageStatus.IN_PROGRESS}),
+    "not started": frozenset({ImageStatus.UNREVIEWED}),
+    "in progress": frozenset({ImageStatus.IN_PROGRESS}),
+    "reviewed": frozenset({ImageStatus.REVIEWED}),
+    "skipped": frozenset({ImageStatus.SKIPPED}),
+    "any": None,
+}
+DEFAULT_STATUS_CHOICE = next(iter(STATUS_CHOICES))
+BOX_TABLE_HEADERS = ["#", "id", "name", "origin", "score", "suggestions"]
+HISTORY_HEADERS = ["revision", "when", "who", "action", "changes", "undone"]
+
+
+@dataclass(frozen=True)
+class LabelView:
+    #: what the UI keeps between calls (image id, versions, suggestions); None: no image
+    current: dict[str, Any] | None
+    #: the stored image file (the UI serves a copy of it)
+    image_path: Path | None
+    boxes: list[dict[str, Any]]
+    rows: list[list[Any]]
+    #: (label, face id) for the box picker
+    box_choices: list[tuple[str, int]]
+    selected: int | None
+    #: one per suggestion slot; "" when there is none
+    suggestion_labels: list[str]
+    label_list: list[str]
+    info: str
+    counts: str
+    message: str = ""
+    can_undo: bool = False
+
+    @property
+    def image_id(self) -> int | None:
+        return self.current["image_id"] if self.current else None
+
+
+@dataclass(frozen=True)
+class Filters:
+    status: str = DEFAULT_STATUS_CHOICE
+    unknown_faces: bool = False
+    person: str = ""
+    max_score: float = 0.0
+
+    def to_queue_filter(self) -> QueueFilter:
+        if self.status not in STATUS_CHOICES:
+            raise InvalidRequest(f"Unknown status filter {self.status!r}; pick one of {', '.join(STATUS_CHOICES)}.")
+        score = float(self.max_score or 0.0)
+        return QueueFilter(
+            statuses=STATUS_CHOICES[self.status], unknown_faces=bool(self.unknown_faces),
+            person=(self.person or "").strip() or None, max_score=score if score > 0 else None,
+        )
+
+
+# -- actions --------------------------------------------------------------------------------
+def open_image(lab: Lab, image_id: int | float | None, filters: Filters = Filters(), message: str = "") -> LabelView:
+    """Open one image by id, or the first in the queue when no id is given."""
+    if image_id is None or (isinstance(image_id, float) and not image_id == image_id) or image_id == 0:
+        return next_in_queue(lab, None, filters)
+    if isinstance(image_id, float):
+        if not image_id.is_integer():
+            raise InvalidRequest(f"Image ids are whole numbers, got {image_id}.")
+        image_id = int(image_id)
+    return _view(lab, labeling.load_for_labeling(lab, image_id, with_pixels=False), message)
+
+
+def next_in_queue(lab: Lab, after_id: int | None, filters: Filters, message: str = "") -> LabelView:
+    found = labeling.next_image(lab, after_id, filters.to_queue_filter())
+    if found is None:
+        text = "Nothing left to label with these filters."
+        return empty_view(lab, f"{message} {text}".strip())
+    if message:
+        message = f"{message} Now image {found}."
+    return _view(lab, labeling.load_for_labeling(lab, found, with_pixels=False), message)
+
+
+def save(lab: Lab, current: dict | None, value: dict | None, user: str = "local", finished: bool = True) -> LabelView:
+    """Save the annotator's boxes (Save button / S)."""
+    cur = _require(current)
+    state = _save_boxes(lab, cur, value, user, finished, override=None)
+    if state.revision == cur.get("revision") and state.version == cur["version"]:
+        return _view(lab, state, "Nothing changed since the last save.")
+    return _view(lab, state, f"Saved image {cur['image_id']} (revision {state.revision}).")
+
+
+def name_box(lab: Lab, current: dict | None, value: dict | None, face_id: int | None, name: str | None,
+             user: str = "local") -> LabelView:
+    """Give the selected box a (new or existing) person's name; also saves other pending edits."""
+    cur = _require(current)
+    face_id = _selected(cur, face_id)
+    if not name or not str(name).strip():
+        raise InvalidRequest("Type a name for the selected box.")
+    state = _save_boxes(lab, cur, value, user, finished=False, override=(face_id, str(name)))
+    return _view(lab, state, f"Face #{face_id} is now {_name_for(state, face_id)}.", after=face_id)
+
+
+def accept_suggestion(lab: Lab, current: dict | None, value: dict | None, face_id: int | None, rank: int,
+                      user: str = "local") -> LabelView:
+    """Name the selected box after its ``rank``-th suggestion (1-based; keys 1-5)."""
+    cur = _require(current)
+    face_id = _selected(cur, face_id)
+    suggestions = cur["faces"][face_id]["suggestions"]
+    if not 1 <= int(rank) <= len(suggestions):
+        raise InvalidRequest(f"Face #{face_id} has {len(suggestions)} suggestion(s); there is no number {rank}.")
+    name = suggestions[int(rank) - 1][0]
+    state = _save_boxes(lab, cur, value, user, finished=False, override=(face_id, name))
+    return _view(lab, state, f"Face #{face_id} is now {_name_for(state, face_id)}.", after=face_id)
+
+
+def save_and_next(lab: Lab, current: dict | None, value: dict | None, filters: Filters, user: str = "local") -> LabelView:
+    """Save the open image as reviewed (if one is open) and open the next one in the queue."""
+    after = None
+    message = ""
+    if current is not None:
+        state = _save_boxes(lab, current, value, user, finished=True, override=None)
+        after, message = state.image_id, f"Saved image {state.image_id}."
+    return next_in_queue(lab, after, filters, message)
+
+
+def skip(lab: Lab, current: dict | None, filters: Filters, user: str = "local") -> LabelView:
+    """Mark the open image skipped (unsaved box edits are dropped) and open the next one."""
+    cur = _require(current)
+    labeling.set_status(lab, cur["image_id"], ImageStatus.SKIPPED, user, expected_version=cur["version"])
+    return next_in_queue(lab, cur["image_id"], filters, f"Skipped image {cur['image_id']}.")
+
+
+def undo(lab: Lab, current: dict | None, user: str = "local") -> LabelView:
+    cur = _require(current)
+    state = labeling.undo_last_save(lab, cur["image_id"], user, expected_version=cur["version"])
+    return _view(lab, state, f"Undid the last save on image {cur['image_id']}.")
+
+
+def history_rows(lab: Lab, current: dict | None) -> list[list[Any]]:
+    if current is None:
+        return []
+    return [[r.revision, r.at, r.user, r.action, r.summary, "yes" if r.undone else ""]
+            for r in labeling.history(lab, current["image_id"])]
+
+
+def counts_text(lab: Lab) -> str:
+    return labeling.queue_counts(lab).text()
+
+
+def select_box(current: dict | None, face_id: int | None) -> list[str]:
+    """The suggestion-button labels for a box (no database call)."""
+    if not current or face_id is None or int(face_id) not in current["faces"]:
+        return [""] * SUGGESTION_SLOTS
+    return _suggestion_labels(current["faces"][int(face_id)]["suggestions"])
+
+
+def step_box(current: dict | None, face_id: int | None, step: int) -> int | None:
+    """The box before/after ``face_id`` in the picker (wraps around)."""
+    if not current or not current["order"]:
+        return None
+    order = current["order"]
+    if face_id is None or int(face_id) not in order:
+        return order[0]
+    return order[(order.index(int(face_id)) + step) % len(order)]
+
+
+def empty_view(lab: Lab, message: str = "") -> LabelView:
+    return LabelView(current=None, image_path=None, boxes=[], rows=[], box_choices=[], selected=None,
+                     suggestion_labels=[""] * SUGGESTION_SLOTS, label_list=_label_choices(lab),
+                     info="No image open.", counts=counts_text(lab), message=message)
+
+
+# -- annotator boxes <-> box edits ---------------------------------------------------------------
+def box_label(face_id: int, name: str | None) -> str:
+    return f"{name} #{face_id}" if name else f"{UNNAMED_LABEL} #{face_id}"
+
+
+def parse_boxes(value: dict | None, current: dict) -> list[BoxEdit]:
+    """The annotator's boxes as BoxEdits for ``labeling.save_labels`` (see the module docstring)."""
+    if not value or not isinstance(value, dict):
+        raise InvalidRequest("Open an image first.")
+    if int(value.get("orientation") or 0) % 4 != 0:
+        raise InvalidRequest("The image is rotated in the editor; rotate it back before saving.")
+    raw = value.get("boxes") or []
+    if not isinstance(raw, list):
+        raise InvalidRequest("boxes must be a list")
+    known = current["faces"]
+    parsed: list[tuple[int | None, tuple[float, float, float, float], str | None]] = []
+    claimed: set[int] = set()
+    for box in raw:
+        try:
+            coords = tuple(float(box[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidRequest(f"Each box needs numeric xmin, ymin, xmax, ymax; got {box!r}.") from exc
+        label = str(box.get("label") or "").strip()
+        face_id, name = None, label
+        match = _LABEL_RE.match(label)
+        if match:
+            face_id, name = int(match["id"]), match["name"].strip()
+            if face_id not in known:
+                raise InvalidRequest(f"A box is labelled #{face_id}, which is not a face on this image; "
+                                     "remove the number from its label.")
+            if face_id in claimed:
+                raise InvalidRequest(f"Two boxes are labelled #{face_id}; remove the number from one of them.")
+            claimed.add(face_id)
+        parsed.append((face_id, coords, None if name.lower() in _UNNAMED_WORDS else name))
+    # boxes whose label lost its "#id": the stored face they overlap most, if unclaimed
+    out: list[BoxEdit] = []
+    for face_id, coords, name in parsed:
+        if face_id is None:
+            best, best_iou = None, MATCH_IOU
+            for fid, info in known.items():
+                if fid in claimed:
+                    continue
+                overlap = _iou(coords, info["box"])
+                if overlap >= best_iou:
+                    best, best_iou = fid, overlap
+            if best is not None:
+                face_id = best
+                claimed.add(best)
+        out.append(BoxEdit(face_id, *coords, name=name))
+    return out
+
+
+# -- internals ---------------------------------------------------------------------------------
+def _save_boxes(lab: Lab, current: dict, value: dict | None, user: str, finished: bool,
+                override: tuple[int, str] | None) -> LabelState:
+    edits = parse_boxes(value, current)
+    if override is not None:
+        face_id, name = override
+        if not any(e.face_id == face_id for e in edits):
+            raise InvalidRequest(f"Box #{face_id} was removed in the editor; reload or pick another box.")
+        edits = [BoxEdit(e.face_id, e.x1, e.y1, e.x2, e.y2, name) if e.face_id == face_id else e for e in edits]
+    return labeling.save_labels(lab, current["image_id"], current["version"], edits, user,
+                                finished=finished, face_versions=current["face_versions"])
+
+
+def _view(lab: Lab, state: LabelState, message: str = "", after: int | None = None) -> LabelView:
+    faces = {
+        b.face_id: {"box": list(b.box), "name": b.name,
+                    "suggestions": [[p.name, round(p.similarity, 3), p.is_match] for p in b.suggestions]}
+        for b in state.boxes
+    }
+    current = {"image_id": state.image_id, "version": state.version, "revision": state.revision,
+               "face_versions": state.face_versions,
+               "faces": faces, "order": [b.face_id for b in state.boxes]}
+    boxes = [{"label": box_label(b.face_id, b.name), "color": _colour(b),
+              "xmin": b.box[0], "ymin": b.box[1], "xmax": b.box[2], "ymax": b.box[3]} for b in state.boxes]
+    rows = [[n, b.face_id, b.name or "", "human" if b.is_human else b.origin.split("-")[0], round(b.score, 2),
+             " · ".join(f"{i}. {p.name} {p.similarity:.2f}{' ✓' if p.is_match else ''}"
+                        for i, p in enumerate(b.suggestions, start=1))]
+            for n, b in enumerate(state.boxes, start=1)]
+    choices = [(f"{n}. {box_label(b.face_id, b.name)}", b.face_id) for n, b in enumerate(state.boxes, start=1)]
+    selected = _pick_box(state, after)
+    info = (f"**Image {state.image_id}** · {md(state.name)} · {state.width}×{state.height} · "
+            f"status **{state.status}** · {len(state.boxes)} box(es) · version {state.version}")
+    if state.last_change:
+        info += f" · last labelled by {md(state.last_change)}"
+    return LabelView(
+        current=current, image_path=lab.images.path(state.sha256), boxes=boxes, rows=rows, box_choices=choices,
+        selected=selected, suggestion_labels=select_box(current, selected), label_list=_label_choices(lab),
+        info=info, counts=counts_text(lab), message=message, can_undo=state.can_undo,
+    )
+
+
+def _pick_box(state: LabelState, after: int | None) -> int | None:
+    """The box to work on next: the first unnamed one after ``after`` (wrapping), else the first."""
+    if not state.boxes:
+        return None
+    ids = [b.face_id for b in state.boxes]
+    start = ids.index(after) + 1 if after in ids else 0
+    ordered = state.boxes[start:] + state.boxes[:start]
+    for b in ordered:
+        if b.name is None:
+            return b.face_id
+    return after if after in ids else ids[0]
+
+
+def _suggestion_labels(suggestions: Sequence[Sequence[Any]]) -> list[str]:
+    labels = [f"{i}. {name} {sim:.2f}{' ✓' if match else ''}" for i, (name, sim, match) in enumerate(suggestions, 1)]
+    return (labels + [""] * SUGGESTION_SLOTS)[:SUGGESTION_SLOTS]
+
+
+def _label_choices(lab: Lab) -> list[str]:
+    with lab.sessions() as session:
+        names = session.scalars(
+            select(Identity.name).outerjoin(Face, Face.identity_id == Identity.id).group_by(Identity.id)
+            .order_by(func.count(Face.id).desc(), func.lower(Identity.name)).limit(LABEL_CHOICES)
+        ).all()
+    return [UNNAMED_LABEL, *sorted(names, key=str.lower)]
+
+
+def _colour(box: labeling.LabelBox) -> str:
+    if box.name:
+        return NAMED_COLOUR
+    return HUMAN_COLOUR if box.origin == HUMAN_ORIGIN else DETECTED_COLOUR
+
+
+def _name_for(state: LabelState, face_id: int) -> str:
+    for b in state.boxes:
+        if b.face_id == face_id:
+            return f"**{md(b.name)}**" if b.name else "unnamed"
+    return "gone"
+
+
+def _require(current: dict | None) -> dict:
+    if not current:
+        raise InvalidRequest("Open an image first (Next, or type an image id).")
+    return current
+
+
+def _selected(current: dict, face_id: int | float | None) -> int:
+    if face_id is None or (isinstance(face_id, float) and not face_id.is_integer()):
+        raise InvalidRequest("Pick a box first (click its row, or press [ and ]).")
+    face_id = int(face_id)
+    if face_id not in current["faces"]:
+        raise InvalidRequest(f"Face #{face_id} is not on this image (save new boxes before naming them here).")
+    return face_id
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+__all__ = [
+    "BOX_TABLE_HEADERS", "DEFAULT_STATUS_CHOICE", "Filters", "HISTORY_HEADERS", "LabelView", "STATUS_CHOICES",
+    "UNNAMED_LABEL", "accept_suggestion", "box_label", "counts_text", "empty_view", "history_rows", "name_box",
+    "next_in_queue", "open_image", "parse_boxes", "save", "save_and_next", "select_box", "skip", "step_box", "undo",
+]
