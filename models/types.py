@@ -13,9 +13,11 @@ class FaceBox:
 
     ``x1, y1`` is the top-left corner and ``x2, y2`` the bottom-right corner (exclusive),
     as floats so sub-pixel boxes from a detector survive a round trip.
-    ``score`` is in [0, 1]. ``landmarks`` is an optional 5x2 array in dlib's 5-point
-    order: right eye outer, right eye inner, left eye outer, left eye inner, nose base
-    ("right" as seen by the person, i.e. on the image's left).
+    ``score`` is in [0, 1]. ``landmarks`` is an optional 5x2 array (x, y pixel centres)
+    in dlib's 5-point order: outer then inner corner of the eye on the image's RIGHT
+    (the person's left eye), outer then inner corner of the eye on the image's LEFT,
+    nose base. (Checked against dlib's shape_predictor_5_face_landmarks on
+    skimage's astronaut: part 0 x=255 > part 1 238 > part 3 212 > part 2 195.)
     """
 
     x1: float
