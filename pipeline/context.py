@@ -51,6 +51,7 @@ class Lab:
     def open(cls, settings: Settings | None = None) -> "Lab":
         settings = settings or Settings()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        set_compute_threads(settings.torch_threads)
         engine = make_engine(settings.resolved_database_url)
         migrate(engine)
         landmarker = LandmarkDetector()
@@ -128,3 +129,16 @@ class Lab:
             self.settings.index_dir, version, dim, fetch_all,
             expected_count=len(ids), expected_checksum=ids_checksum(ids),
         )
+
+
+def set_compute_threads(threads: int) -> None:
+    """Threads for PyTorch and FAISS (OpenMP). One per request keeps concurrent requests
+    from fighting over the cores: a single FAISS query at 100k faces took 21 ms with 2
+    OpenMP threads and 5 ms with 1 on this 2-core machine."""
+    import faiss
+    import torch
+
+    if threads > 0:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)

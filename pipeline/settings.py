@@ -44,6 +44,9 @@ class Settings:
     batch_size: int = 8
     #: at most this many results from one search
     max_k: int = 100
+    #: PyTorch and FAISS threads per process. 1 by default: requests run concurrently,
+    #: and on a busy 2-core machine one forward pass with 2 threads was ~20x slower
+    torch_threads: int = field(default_factory=lambda: int(_env("TORCH_THREADS", "1")))
 
     def __post_init__(self) -> None:
         # accept str paths from callers and the CLI
