@@ -147,6 +147,11 @@ def _check_index(lab: Lab, report: CheckReport, repair: bool) -> None:
         except ValueError:  # malformed rows, reported above and not repaired
             return
     problem = None
+    never_saved = FaceIndex.read_manifest(lab.settings.index_dir, version) is None and \
+        not FaceIndex.paths(lab.settings.index_dir, version)[0].exists()
+    if never_saved and not len(db_ids):
+        report.facts.append("no faces yet, so no search index file yet")
+        return
     try:
         saved = FaceIndex.load(lab.settings.index_dir, version, dim)
     except ValueError as exc:

@@ -6,10 +6,16 @@ ImageStore will keep, so that decoding the stored bytes gives back exactly ``rgb
 
 Normalisation rules (what gets stored):
 
-* A JPEG that needs no pixel change (RGB or grayscale, no EXIF rotation) is stored
-  byte for byte: no generational loss, and identical uploads are trivially identical.
+* A JPEG that needs no pixel change (RGB or grayscale, no EXIF rotation) keeps its
+  compressed image data byte for byte (no generational loss, identical pixels), but
+  its metadata segments are dropped (``strip_jpeg_metadata``): EXIF (GPS position,
+  time, camera serial number, an uncropped thumbnail), XMP, IPTC, comments and extra
+  MPO pictures. Kept: JFIF (without thumbnail), the ICC colour profile, Adobe's colour
+  transform flag, and every segment a decoder needs. A JPEG with no such metadata is
+  stored exactly as uploaded.
 * Any other JPEG (EXIF-rotated, CMYK, ...) is re-encoded as JPEG quality 95 and
-  ``rgb`` is decoded from those new bytes.
+  ``rgb`` is decoded from those new bytes. Re-encoded and PNG files carry no
+  metadata but the ICC profile.
 * Everything else (PNG, GIF, WebP, BMP, TIFF) becomes a lossless 8-bit RGB PNG.
   Transparency is composited on white, 16-bit samples are scaled (v * 255 / 65535,
   rounded), palette/grayscale/CMYK become RGB, and only the first frame of an animated
@@ -35,8 +41,10 @@ import hashlib
 import io
 import logging
 import re
+import sys
 import unicodedata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,12 +154,27 @@ def sanitize_name(name: str | None, max_length: int = MAX_NAME_LENGTH) -> str:
     return text
 
 
+def _pil_open() -> Callable[..., Image.Image]:
+    """PIL's own ``Image.open``.
+
+    Importing ultralytics replaces ``PIL.Image.open`` process-wide with a wrapper that,
+    on a file PIL cannot identify, tries to pip-install pi-heif (and, offline, raises
+    ModuleNotFoundError instead of UnidentifiedImageError). An upload must never trigger
+    that, so use the original it keeps.
+    """
+    opener = Image.open
+    if getattr(opener, "__module__", "PIL.Image") != "PIL.Image":
+        patches = sys.modules.get("ultralytics.utils.patches")
+        opener = getattr(patches, "_image_open", opener)
+    return opener
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        img = _pil_open()(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageRejected(f"image is too large to process ({exc})") from exc
-    except UnidentifiedImageError as exc:
+    except (UnidentifiedImageError, ImportError) as exc:
         raise ImageRejected(
             "not an image, or a format this app does not accept (JPEG, PNG, GIF, WebP, BMP, TIFF, PGM/PPM)"
         ) from exc
@@ -221,7 +244,94 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
     return img.convert("RGB") if mode != "RGB" else img
 
 
+# JPEG markers (ITU T.81 table B.1)
+_SOI, _EOI, _SOS, _APP0, _APP2, _APP14, _TEM = 0xD8, 0xD9, 0xDA, 0xE0, 0xE2, 0xEE, 0x01
+_RST = range(0xD0, 0xD8)
+
+
+def _keep_segment(marker: int, body: bytes) -> bytes | None:
+    """The segment body to write for an APPn/COM marker, or None to drop it."""
+    if marker == _APP0:
+        if body.startswith(b"JFIF\0") and len(body) >= 14:
+            return body[:12] + b"\0\0" if body[12:14] != b"\0\0" else body[:14]  # no thumbnail
+        return None  # JFXX (thumbnails) and others
+    if marker == _APP2:
+        return body if body.startswith(b"ICC_PROFILE\0") else None  # MPF, FlashPix: dropped
+    if marker == _APP14:
+        return body if body.startswith(b"Adobe") else None  # colour transform: changes pixels
+    return None  # APP1 (EXIF, XMP), APP3-APP13, APP15, COM
+
+
+def strip_jpeg_metadata(data: bytes) -> bytes:
+    """The JPEG with its metadata segments removed and its coded image data untouched.
+
+    Stops at the first image's EOI (an MPO's further pictures are dropped). Raises
+    ValueError on anything it does not understand; the caller then re-encodes.
+    """
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG")
+    out = bytearray(b"\xff\xd8")
+    pos, n = 2, len(data)
+    while pos < n:
+        if data[pos] != 0xFF:
+            raise ValueError(f"expected a marker at byte {pos}")
+        while pos + 1 < n and data[pos + 1] == 0xFF:  # fill bytes
+            pos += 1
+        if pos + 1 >= n:
+            raise ValueError("truncated marker")
+        marker = data[pos + 1]
+        if marker == _EOI:
+            out += b"\xff\xd9"
+            return bytes(out)
+        if marker in _RST or marker == _TEM or marker == _SOI:
+            raise ValueError(f"unexpected standalone marker {marker:#x}")
+        if pos + 4 > n:
+            raise ValueError("truncated segment")
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        end = pos + 2 + length
+        if length < 2 or end > n:
+            raise ValueError("bad segment length")
+        if 0xE0 <= marker <= 0xEF or marker == 0xFE:
+            body = _keep_segment(marker, data[pos + 4 : end])
+            if body is not None:
+                out += bytes((0xFF, marker)) + (len(body) + 2).to_bytes(2, "big") + body
+            pos = end
+            continue
+        out += data[pos:end]
+        pos = end
+        if marker == _SOS:  # entropy-coded data runs to the next marker that is not RSTn or a stuffed 0
+            scan = pos
+            while True:
+                scan = data.find(b"\xff", scan)
+                if scan < 0 or scan + 1 >= n:
+                    raise ValueError("scan data runs past the end")
+                following = data[scan + 1]
+                if following == 0x00 or following in _RST or following == 0xFF:
+                    scan += 1 if following == 0xFF else 2
+                    continue
+                break
+            out += data[pos:scan]
+            pos = scan
+    raise ValueError("no EOI marker")
+
+
+def _strip_or_none(data: bytes, rgb: np.ndarray) -> bytes | None:
+    """``strip_jpeg_metadata(data)`` if it decodes to exactly ``rgb``, else None."""
+    try:
+        stripped = strip_jpeg_metadata(data)
+        if stripped == data:
+            return data
+        if np.array_equal(_decode_stored(stripped), rgb):
+            return stripped
+        log.warning("JPEG metadata stripping changed the pixels; re-encoding instead")
+    except (ValueError, OSError, SyntaxError) as exc:
+        log.info("JPEG metadata not stripped in place (%s); re-encoding instead", exc)
+    return None
+
+
 def _encode(img: Image.Image, fmt: str, icc_profile: bytes | None) -> bytes:
+    img = img.copy()
+    img.info.clear()  # Pillow carries e.g. a JPEG comment over from info; store no metadata
     out = io.BytesIO()
     extra = {"icc_profile": icc_profile} if icc_profile else {}
     if fmt == "JPEG":
@@ -232,7 +342,7 @@ def _encode(img: Image.Image, fmt: str, icc_profile: bytes | None) -> bytes:
 
 
 def _decode_stored(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as img:
+    with _pil_open()(io.BytesIO(data), formats=("JPEG", "PNG")) as img:
         img.load()
         return np.asarray(img.convert("RGB"))
 
@@ -270,11 +380,12 @@ def decode_upload(
         orientation = _orientation(img)
         icc = img.info.get("icc_profile") if source_mode in ("RGB", "RGBA", "P", "PA") else None
 
+        stored = None
         if source_format in _JPEG_FORMATS and source_mode in ("RGB", "L") and orientation == 1:
-            stored = data
-            mime = MIME_JPEG
             rgb = np.asarray(img.convert("RGB"))
-        else:
+            stored = _strip_or_none(data, rgb)
+            mime = MIME_JPEG
+        if stored is None:
             upright = img
             if orientation != 1:
                 try:

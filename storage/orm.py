@@ -390,3 +390,73 @@ def record_audit(
     entry = AuditLog(user=user, action=action, target_type=target_type, target_id=target_id, details=details)
     session.add(entry)
     return entry
+
+
+class LabelRevision(Base):
+    """One labeling save (or undo) on an image: the boxes before and after, for history and undo.
+
+    Snapshots are lists of plain dicts (``face_id``, ``x1``..``y2``, ``score``, ``origin``,
+    ``identity_id``, ``name``, ``review_status``): they keep what a detector said about a
+    box (origin, score) after a person moved it, and let undo restore boxes whose rows
+    were deleted. ``undoes`` names the revision an undo reverted, so repeated undos walk
+    back through the saves in order.
+    """
+
+    __tablename__ = "label_revisions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    #: 1, 2, ... per image
+    revision: Mapped[int] = mapped_column(Integer)
+    #: "save" or "undo"
+    action: Mapped[str] = mapped_column(String(16))
+    user: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: the image's version after this change
+    image_version: Mapped[int] = mapped_column(Integer)
+    status_before: Mapped[str] = mapped_column(String(16))
+    status_after: Mapped[str] = mapped_column(String(16))
+    boxes_before: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    boxes_after: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    #: what changed: {"added": [...], "moved": [...], "deleted": [...], "renamed": [...]}
+    changes: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    undoes: Mapped[int | None] = mapped_column(Integer, default=None)
+
+    __table_args__ = (
+        UniqueConstraint("image_id", "revision"),
+        CheckConstraint("revision > 0", name="revision_positive"),
+    )
+
+    def __repr__(self) -> str:
+        return f"LabelRevision(image_id={self.image_id}, r{self.revision} {self.action} by {self.user})"
+
+
+class UserRole(enum.StrEnum):
+    """What a logged-in person may do (pipeline.auth.PERMISSIONS lists the actions)."""
+
+    ADMIN = "admin"
+    LABELER = "labeler"
+
+
+class User(Base):
+    """A login for the web app. No rows means single-user mode (loopback only).
+
+    ``name`` is stored lower-case (pipeline.auth.clean_username), so it is unique
+    ignoring case on every backend. ``password_hash`` is a self-describing KDF string
+    (``scrypt$n$r$p$salt$hash``, pipeline.auth), never the password.
+    """
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[UserRole] = mapped_column(_str_enum(UserRole, "user_role"))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    #: False locks the account out without deleting it (its name stays in the audit log)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (CheckConstraint("length(name) > 0", name="name_not_blank"),)
+
+    def __repr__(self) -> str:
+        return f"User(id={self.id}, name={self.name!r}, {self.role}, active={self.active})"

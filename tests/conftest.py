@@ -44,3 +44,134 @@ def db(tmp_data_dir: Path) -> Iterator[Engine]:
 def db_sessions(db: Engine) -> sessionmaker[Session]:
     """A session factory on ``db``: ``with db_sessions() as s, s.begin(): ...``."""
     return session_factory(db)
+
+
+# -- the running app (appended for the Label tab's API and browser tests) -----------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(data_dir: Path, env: dict[str, str] | None = None, timeout_s: float = 120.0):
+    """Start ``python app.py`` on a free port; a context manager yielding its URL.
+
+    ``FACELAB_MATCH_THRESHOLD`` defaults to 0.8 for the child so the app starts even while
+    the embedder ships no calibrated threshold (tests do not depend on the exact value).
+    """
+    import contextlib
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    @contextlib.contextmanager
+    def running() -> Iterator[str]:
+        port = _free_port()
+        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        child_env.setdefault("FACELAB_MATCH_THRESHOLD", "0.8")
+        log_path = data_dir / "app.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "app.py", "--data", str(data_dir), "--port", str(port)],
+                cwd=Path(__file__).resolve().parents[1], env=child_env, stdout=log, stderr=subprocess.STDOUT,
+            )
+            url = f"http://127.0.0.1:{port}/"
+            try:
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    if proc.poll() is not None:
+                        pytest.fail(f"app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+                    try:
+                        if httpx.get(url, timeout=2).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"app did not answer within {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
+                    time.sleep(0.5)
+                yield url
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    return running()
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A running FaceLab app with an empty data folder, shared by one test module; its URL."""
+    with start_app(tmp_path_factory.mktemp("appdata")) as url:
+        yield url
+
+
+# -- database backends (appended for reliability: DB tests run on SQLite and PostgreSQL) ---
+#: a PostgreSQL role allowed to CREATE DATABASE; tests/run.sh starts a private cluster
+#: on loopback and sets it. Unset: SQLite only.
+TEST_PG_URL = __import__("os").environ.get("FACELAB_TEST_PG_URL", "")
+BACKENDS = ["sqlite", "postgresql"] if TEST_PG_URL else ["sqlite"]
+
+
+def create_pg_database(admin_url: str = TEST_PG_URL) -> tuple[str, object]:
+    """A new, empty PostgreSQL database: (its URL, a function that drops it)."""
+    import uuid
+
+    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"facelab_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        with admin.connect() as conn:  # FORCE: a killed test process may have left sessions
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+    return admin.url.set(database=name).render_as_string(hide_password=False), drop
+
+
+class DatabaseFactory:
+    """Fresh empty databases of one backend; ``factory()`` -> URL ("" = SQLite in the data folder)."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self._drops: list = []
+
+    def __call__(self) -> str:
+        if self.backend == "sqlite":
+            return ""
+        url, drop = create_pg_database()
+        self._drops.append(drop)
+        return url
+
+    def close(self) -> None:
+        for drop in self._drops:
+            drop()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def make_database_url(request: pytest.FixtureRequest) -> Iterator[DatabaseFactory]:
+    """Per backend, a factory of fresh empty databases for one test module.
+
+    Each call returns "" for SQLite (a SQLite file inside the data folder: give each Lab
+    its own data folder) or a new ``postgresql+psycopg://`` database, dropped when the
+    module is done. Pass the URL as ``Settings(database_url=...)``, ``python app.py
+    --database-url`` or ``DATABASE_URL``. ``make_database_url.backend`` names the backend.
+    """
+    factory = DatabaseFactory(request.param)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def database_url(make_database_url: DatabaseFactory) -> str:
+    """One fresh database per test module and backend ("" = SQLite in the data folder)."""
+    return make_database_url()

@@ -27,14 +27,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def app_url(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[str]:
     data_dir = tmp_path_factory.mktemp("appdata")
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log_path = data_dir / "app.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "app.py", "--data", str(data_dir), "--port", str(port)],
+            [sys.executable, "app.py", "--data", str(data_dir), "--port", str(port)]
+            + (["--database-url", database_url] if database_url else []),
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}/"

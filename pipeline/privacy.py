@@ -1,0 +1,305 @@
+"""Privacy deletes: remove every trace of a person or a photo, and say so in the audit log.
+
+``identities.delete_person(delete_faces=True)`` removes the person's faces, their
+embeddings (every model version, by ON DELETE CASCADE) and the active index's entries.
+A privacy delete has to go further; these functions do all of it in one go:
+
+* the index files of *other* embedder versions (they hold the same faces' vectors) are
+  deleted; they are caches and are rebuilt from the database when that version is used;
+* the label history (``label_revisions`` box snapshots, which undo would otherwise bring
+  back) and older audit entries lose the deleted faces and every name the person had
+  (renames and merges included): boxes are dropped, names become ``"[deleted]"``;
+* photos that no longer show anyone (``forget_person(delete_photos=True)``) and photos
+  deleted with ``delete_image`` lose their row, their stored file and any cached copy
+  in a folder registered with ``register_cache_dir`` (the UI's served copies);
+* on SQLite the database file is rewritten (``VACUUM``) and the write-ahead log
+  truncated, so deleted rows do not linger in free pages; on PostgreSQL deleted rows
+  stay in dead tuples until autovacuum reuses them (``compact=True`` runs
+  ``VACUUM FULL`` on the touched tables; it locks them while it runs).
+
+The audit entry of the deletion itself records who, when, which row ids and how many
+faces/photos, never a name, file name or picture hash.
+
+Order: the database commit comes first, files after. A crash in between leaves files
+no row points to; ``python app.py check --repair`` deletes those and rebuilds the index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
+
+from pipeline.context import Lab
+from pipeline.errors import Conflict, InvalidRequest, NotFound
+from pipeline.faults import fault_point
+from pipeline.identities import clean_name
+from storage.faiss_index import FaceIndex
+from storage.orm import AuditLog, Face, Identity, Image, LabelRevision, record_audit
+
+log = logging.getLogger(__name__)
+
+REDACTED = "[deleted]"
+
+_cache_dirs: list[Path] = []
+_cache_lock = threading.Lock()
+
+
+def register_cache_dir(path: str | os.PathLike[str]) -> None:
+    """A folder holding copies of stored images named ``<sha256>.<ext>`` (e.g. what the UI
+    serves); privacy deletes remove the deleted photo's copies from it."""
+    with _cache_lock:
+        folder = Path(path)
+        if folder not in _cache_dirs:
+            _cache_dirs.append(folder)
+
+
+@dataclass(frozen=True)
+class DeletionReport:
+    faces: int
+    photos_deleted: int
+    #: photos of the person kept because other people are on them too
+    photos_kept: int
+    history_entries_scrubbed: int
+    message: str
+
+
+# -- public operations ---------------------------------------------------------------------
+def delete_image(lab: Lab, image_id: int, user: str = "local", compact: bool | None = None) -> DeletionReport:
+    """Delete one photo with its faces, embeddings, index entries, label history, stored
+    file and cached copies."""
+    image_id = _check_id(image_id)
+    with lab.write_lock:
+        try:
+            with lab.session() as session:
+                image = session.get(Image, image_id)
+                if image is None:
+                    raise NotFound(f"Image {image_id} does not exist (it may have been deleted already).")
+                sha, file_name = image.sha256, image.original_name
+                face_ids = [f.id for f in image.faces]
+                _secure_delete(session)
+                scrubbed = _scrub_history(session, set(face_ids), set(), {file_name}, skip_image=image_id)
+                session.delete(image)  # faces, embeddings and label history go by ON DELETE CASCADE
+                record_audit(session, user, "privacy_delete_image", "image", image_id, {"faces": len(face_ids)})
+        except StaleDataError as exc:
+            raise Conflict(f"Image {image_id} was changed by someone else just now; try again.") from exc
+        fault_point("delete_image_after_commit")
+        _after_commit(lab, face_ids, [sha])
+    _compact(lab, compact, ("images", "faces", "embeddings", "label_revisions", "audit_log"))
+    return DeletionReport(len(face_ids), 1, 0, scrubbed,
+                          f"Deleted image {image_id} with {len(face_ids)} face(s), its file and its history.")
+
+
+def forget_person(lab: Lab, name: str, user: str = "local", delete_photos: bool = False,
+                  compact: bool | None = None) -> DeletionReport:
+    """Delete a person, all their faces (every embedding version, every index) and every
+    name they had from the label history and audit log.
+
+    ``delete_photos`` also deletes the photos that show nobody else once their faces are
+    gone (row, stored file, cached copies); photos with other people on them are kept
+    and counted in the report.
+    """
+    with lab.write_lock:
+        try:
+            with lab.session() as session:
+                person = session.scalars(
+                    select(Identity).where(func.lower(Identity.name) == clean_name(name).lower())
+                ).one_or_none()
+                if person is None:
+                    raise NotFound(f"No person called {clean_name(name)!r}.")
+                pid = person.id
+                faces = session.scalars(select(Face).where(Face.identity_id == pid)).all()
+                face_ids = {f.id for f in faces}
+                image_ids = {f.image_id for f in faces}
+                names = {person.name} | _former_names(session, pid)
+                _secure_delete(session)
+                scrubbed = _scrub_history(session, face_ids, {pid}, names)
+                for face in faces:
+                    session.delete(face)
+                session.flush()
+                doomed: list[tuple[int, str]] = []
+                kept = 0
+                for image_id in sorted(image_ids):
+                    left = session.scalar(select(func.count(Face.id)).where(Face.image_id == image_id))
+                    if delete_photos and not left:
+                        image = session.get(Image, image_id)
+                        doomed.append((image_id, image.sha256))
+                        session.delete(image)
+                    else:
+                        kept += 1
+                session.delete(person)
+                record_audit(session, user, "privacy_delete_person", "identity", pid,
+                             {"faces": len(face_ids), "photos_deleted": len(doomed), "photos_kept": kept,
+                              "image_ids_deleted": [i for i, _ in doomed]})
+        except StaleDataError as exc:
+            raise Conflict("Someone else changed one of this person's faces just now; try again.") from exc
+        fault_point("forget_person_after_commit")
+        _after_commit(lab, sorted(face_ids), [sha for _, sha in doomed])
+    _compact(lab, compact, ("identities", "images", "faces", "embeddings", "label_revisions", "audit_log"))
+    message = f"Deleted the person, {len(face_ids)} face(s) and their history"
+    if delete_photos:
+        message += f", {len(doomed)} photo(s) that showed nobody else"
+    if kept:
+        why = "other people are on them" if delete_photos else "photos stay unless you delete them"
+        message += f"; {kept} photo(s) with them on it were kept ({why})"
+    return DeletionReport(len(face_ids), len(doomed), kept, scrubbed, message + ".")
+
+
+# -- after the commit: indexes, files, caches ------------------------------------------------
+def _after_commit(lab: Lab, face_ids: list[int], shas: list[str]) -> None:
+    if face_ids:
+        index = lab.index()
+        index.remove(np.asarray(face_ids, dtype=np.int64))
+        index.save()
+        drop_other_version_indexes(lab)
+    for sha in shas:
+        with lab.sessions() as session:  # same bytes re-uploaded since? then the file is in use
+            in_use = session.scalar(select(Image.id).where(Image.sha256 == sha)) is not None
+        if not in_use:
+            lab.images.delete(sha)
+            purge_cached_copies(sha)
+
+
+def drop_other_version_indexes(lab: Lab) -> list[str]:
+    """Delete saved indexes of embedder versions other than the active one (they are
+    rebuilt from the database on use); returns their model versions."""
+    active = lab.model_version
+    dropped = []
+    for manifest in Path(lab.settings.index_dir).glob("*.manifest.json"):
+        try:
+            version = json.loads(manifest.read_text()).get("model_version")
+        except (OSError, ValueError):
+            version = None
+        if version == active:
+            continue
+        if isinstance(version, str):
+            index_file, manifest_file = FaceIndex.paths(lab.settings.index_dir, version)
+            index_file.unlink(missing_ok=True)
+            manifest_file.unlink(missing_ok=True)
+            dropped.append(version)
+        else:  # unreadable manifest: its index file cannot be trusted either
+            manifest.unlink(missing_ok=True)
+    # index files with no manifest at all
+    for index_file in Path(lab.settings.index_dir).glob("*.faiss"):
+        if not index_file.with_name(index_file.name.removesuffix(".faiss") + ".manifest.json").exists():
+            index_file.unlink(missing_ok=True)
+    return dropped
+
+
+def purge_cached_copies(sha: str) -> int:
+    removed = 0
+    with _cache_lock:
+        folders = list(_cache_dirs)
+    for folder in folders:
+        for path in folder.glob(f"{sha}*"):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+# -- history scrubbing ----------------------------------------------------------------------
+_DROP = object()
+
+
+def _former_names(session: Session, pid: int) -> set[str]:
+    """Names the person had before (renames) or absorbed (merges into them)."""
+    names: set[str] = set()
+    rows = session.execute(
+        select(AuditLog.action, AuditLog.details)
+        .where(AuditLog.target_type == "identity", AuditLog.target_id == pid, AuditLog.action.in_(("rename", "merge")))
+    ).all()
+    for action, details in rows:
+        if not isinstance(details, dict):
+            continue
+        keys = ("from", "to") if action == "rename" else ("from", "into")
+        names.update(v for k in keys if isinstance(v := details.get(k), str))
+    return names
+
+
+def _scrub(value: Any, face_ids: set[int], identity_ids: set[int], names: set[str]) -> Any:
+    if isinstance(value, str):
+        return REDACTED if value.casefold() in names else value
+    if isinstance(value, list):
+        items = [_scrub(v, face_ids, identity_ids, names) for v in value]
+        return [v for v in items if v is not _DROP]
+    if isinstance(value, dict):
+        if value.get("face_id") in face_ids or value.get("identity_id") in identity_ids:
+            return _DROP  # a box of a deleted face / of the deleted person
+        out = {}
+        for key, item in value.items():
+            scrubbed = _scrub(item, face_ids, identity_ids, names)
+            out[key] = None if scrubbed is _DROP else scrubbed
+        return out
+    return value
+
+
+def _scrub_history(session: Session, face_ids: set[int], identity_ids: set[int], names: set[str],
+                   skip_image: int | None = None) -> int:
+    """Remove deleted boxes and names from label revisions and audit details; returns rows changed."""
+    folded = {n.casefold() for n in names if n}
+    changed = 0
+    revisions = select(LabelRevision)
+    if skip_image is not None:  # its revisions go with the image anyway
+        revisions = revisions.where(LabelRevision.image_id != skip_image)
+    for rev in session.scalars(revisions).all():
+        new = {col: _scrub(getattr(rev, col), face_ids, identity_ids, folded)
+               for col in ("boxes_before", "boxes_after", "changes")}
+        if any(new[c] != getattr(rev, c) for c in new):
+            session.execute(update(LabelRevision).where(LabelRevision.id == rev.id).values(**new))
+            changed += 1
+    for entry in session.scalars(select(AuditLog).where(AuditLog.details.is_not(None))).all():
+        if entry.details is None:
+            continue
+        # the entry itself stays (who did what, when); only the personal data goes
+        details = _scrub(entry.details, face_ids, identity_ids, folded)
+        if details is _DROP:
+            details = {"redacted": True}
+        if details != entry.details:
+            session.execute(update(AuditLog).where(AuditLog.id == entry.id).values(details=details))
+            changed += 1
+    return changed
+
+
+# -- database compaction --------------------------------------------------------------------
+def _secure_delete(session: Session) -> None:
+    """SQLite: overwrite deleted content with zeros (this connection, from now on)."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.connection().exec_driver_sql("PRAGMA secure_delete = ON")
+
+
+def _compact(lab: Lab, compact: bool | None, tables: tuple[str, ...]) -> None:
+    """Make deleted rows unrecoverable from the database files (see the module docstring).
+
+    ``compact`` None means: yes on SQLite (VACUUM is quick at this app's sizes), no on
+    PostgreSQL (VACUUM FULL takes exclusive table locks).
+    """
+    dialect = lab.engine.dialect.name
+    if compact is None:
+        compact = dialect == "sqlite"
+    if not compact:
+        return
+    try:
+        with lab.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            if dialect == "sqlite":
+                conn.exec_driver_sql("VACUUM")
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            elif dialect == "postgresql":
+                conn.exec_driver_sql("VACUUM FULL " + ", ".join(tables))
+    except Exception as exc:  # noqa: BLE001 - the delete itself is done; say what is left
+        log.warning("privacy delete: compacting the database failed (%s); deleted rows may remain in free "
+                    "pages until the next VACUUM", exc)
+
+
+def _check_id(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+        raise InvalidRequest(f"image id must be a positive whole number, got {value!r}")
+    return int(value)
