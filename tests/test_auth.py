@@ -225,14 +225,10 @@ def test_a_removed_user_is_refused_at_once(secured_app: SecuredApp) -> None:
         client.predict(api_name="/list_people")  # the browser session logged in before: still refused
 
 
-# Other tabs' admin endpoints: the role check must be added to their callbacks (one
-# ``auth.require_endpoint(lab, request.username, "<api_name>")`` line each). Strict xfail:
-# when a callback gains its check this turns into a failure that says "remove the mark".
+# Other tabs' admin endpoints: their callbacks check the role too.
 ADMIN_ENDPOINTS_ELSEWHERE = [
-    pytest.param("/export_dataset", ("yolo", False), marks=pytest.mark.xfail(
-        strict=True, reason="webapp/data_tab.py on_export does not call auth.require yet")),
-    pytest.param("/split_person", ("Anyone", 0.5), marks=pytest.mark.xfail(
-        strict=True, reason="webapp/data_tab.py on_split does not call auth.require yet")),
+    pytest.param("/export_dataset", ("yolo", False)),
+    pytest.param("/split_person", ("Anyone", 0.5)),
 ]
 
 

@@ -22,6 +22,7 @@ from pipeline.clustering import (
     remove_group_from_person,
     split_person,
 )
+from pipeline import auth
 from pipeline.context import Lab
 from pipeline.errors import FaceLabError
 from pipeline.export import export_dataset
@@ -34,6 +35,14 @@ IMPORT_CHOICES = [("Detect automatically", "auto"), ("Pascal VOC", "voc"), ("YOL
 
 def _user_error(exc: FaceLabError) -> gr.Error:
     return gr.Error(html.escape(str(exc)), print_exception=False)
+
+
+def _allow(lab: Lab, request: gr.Request, api_name: str) -> None:
+    """Refuse the call unless the logged-in user's role may use this endpoint."""
+    try:
+        auth.require_endpoint(lab, getattr(request, "username", None), api_name)
+    except FaceLabError as exc:
+        raise gr.Error(html.escape(str(exc)), print_exception=False) from exc
 
 
 def build_data_tab(lab: Lab) -> None:
@@ -52,7 +61,8 @@ def _export_section(lab: Lab) -> None:
     file = gr.File(label="Dataset zip", interactive=False, elem_id="export-file")
     message = gr.Markdown(elem_id="export-message")
 
-    def on_export(chosen: str, reviewed_only: bool, progress: gr.Progress = gr.Progress()) -> tuple[Any, str]:
+    def on_export(chosen: str, reviewed_only: bool, request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple[Any, str]:
+        _allow(lab, request, "export_dataset")  # roles are enforced here, server-side
         folder = Path(tempfile.mkdtemp(prefix="facelab-export-"))  # Gradio serves files from the temp dir
         out = folder / f"facelab-{chosen}-{datetime.now():%Y%m%d-%H%M%S}.zip"
         try:
@@ -75,7 +85,8 @@ def _import_section(lab: Lab) -> None:
         button = gr.Button("Import", variant="primary", elem_id="import-button")
     message = gr.Markdown(elem_id="import-message")
 
-    def on_import(path: str | None, chosen: str, progress: gr.Progress = gr.Progress()) -> str:
+    def on_import(path: str | None, chosen: str, request: gr.Request, progress: gr.Progress = gr.Progress()) -> str:
+        _allow(lab, request, "import_dataset")  # roles are enforced here, server-side
         if not path:
             raise gr.Error("Choose a dataset zip first.", print_exception=False)
         try:
@@ -122,7 +133,8 @@ def _cluster_section(lab: Lab) -> None:
 
     outputs = [groups_gallery, members, group_number, groups, message]
 
-    def on_find(sim: float, needed: float) -> tuple[Any, ...]:
+    def on_find(sim: float, needed: float, request: gr.Request) -> tuple[Any, ...]:
+        _allow(lab, request, "cluster_faces")  # roles are enforced here, server-side
         try:
             clusters = cluster_unknown_faces(lab, float(sim), int(needed))
         except FaceLabError as exc:
@@ -131,7 +143,8 @@ def _cluster_section(lab: Lab) -> None:
         return show(clusters, f"{len(clusters)} group(s) covering {faces} unknown face(s)." if clusters
                     else "No group found: too few similar unknown faces (lower the similarity or the faces needed).")
 
-    def on_split(who: str, sim: float) -> tuple[Any, ...]:
+    def on_split(who: str, sim: float, request: gr.Request) -> tuple[Any, ...]:
+        _allow(lab, request, "split_person")  # roles are enforced here, server-side
         try:
             clusters = split_person(lab, who, float(sim))
         except FaceLabError as exc:
@@ -149,7 +162,8 @@ def _cluster_section(lab: Lab) -> None:
             raise gr.Error("Pick a group first: find groups, then click one.", print_exception=False)
         return ids[int(number) - 1]
 
-    def on_name(ids: list[list[int]], number: float | None, who: str) -> str:
+    def on_name(ids: list[list[int]], number: float | None, who: str, request: gr.Request) -> str:
+        _allow(lab, request, "name_group")  # roles are enforced here, server-side
         try:
             result = name_cluster(lab, chosen(ids, number), who)
         except FaceLabError as exc:
@@ -159,7 +173,8 @@ def _cluster_section(lab: Lab) -> None:
             text += f" Left {len(result.skipped)} face(s) alone: they are named as someone else."
         return text + " Find groups again to refresh."
 
-    def on_remove(ids: list[list[int]], number: float | None) -> str:
+    def on_remove(ids: list[list[int]], number: float | None, request: gr.Request) -> str:
+        _allow(lab, request, "remove_group_name")  # roles are enforced here, server-side
         try:
             return md(remove_group_from_person(lab, chosen(ids, number)))
         except FaceLabError as exc:
