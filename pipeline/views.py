@@ -146,10 +146,10 @@ def detect(lab: Lab, files: Sequence[str | Path], progress: Callable[[float, str
     return DetectView(report, annotated, crops, rows, face_ids, "\n".join(lines))
 
 
-def enroll(lab: Lab, face_id: float | int | None, name: str) -> str:
+def enroll(lab: Lab, face_id: float | int | None, name: str, user: str = "local") -> str:
     if face_id is None or (isinstance(face_id, float) and (np.isnan(face_id) or not face_id.is_integer())):
         raise InvalidRequest("Pick a face first: click its crop, or type its id.")
-    person = identities.enroll(lab, int(face_id), name)
+    person = identities.enroll(lab, int(face_id), name, user=user)
     return f"Face #{int(face_id)} is now **{md(person.name)}** ({person.face_count} face(s))."
 
 
@@ -211,15 +211,21 @@ def people(lab: Lab) -> PeopleView:
     return PeopleView(gallery, rows, f"{len(everyone)} people enrolled.")
 
 
-def rename_person(lab: Lab, old: str, new: str) -> str:
-    person = identities.rename_person(lab, old, new)
+def rename_person(lab: Lab, old: str, new: str, user: str = "local") -> str:
+    person = identities.rename_person(lab, old, new, user=user)
     return f"Renamed to **{md(person.name)}**."
 
 
-def merge_people(lab: Lab, source: str, target: str) -> str:
-    person = identities.merge_people(lab, source, target)
+def merge_people(lab: Lab, source: str, target: str, user: str = "local") -> str:
+    person = identities.merge_people(lab, source, target, user=user)
     return f"Merged into **{md(person.name)}** ({person.face_count} face(s))."
 
 
-def delete_person(lab: Lab, name: str, delete_faces: bool) -> str:
-    return md(identities.delete_person(lab, name, bool(delete_faces)))
+def delete_person(lab: Lab, name: str, delete_faces: bool, user: str = "local") -> str:
+    """With ``delete_faces`` this is the privacy delete: faces, every embedding version,
+    index entries and the name in label history and audit details all go."""
+    if delete_faces:
+        from pipeline.privacy import forget_person
+
+        return md(forget_person(lab, name, user=user).message)
+    return md(identities.delete_person(lab, name, False, user=user))

@@ -99,8 +99,8 @@ def _detect_tab(lab: Lab) -> None:
 
     def on_enroll(face: float | None, person: str, request: gr.Request) -> str:
         try:
-            auth.require_endpoint(lab, request.username, "enroll")
-            return views.enroll(lab, face, person)
+            user = auth.require_endpoint(lab, request.username, "enroll")
+            return views.enroll(lab, face, person, user=user)
         except FaceLabError as exc:
             raise _user_error(exc) from exc
 
@@ -163,8 +163,8 @@ def _people_tab(lab: Lab) -> tuple[Any, list[Any]]:
     def guarded(action, api_name: str):  # noqa: ANN001, ANN202 - small adapter for the three edit actions
         def run(first: Any, second: Any, request: gr.Request) -> tuple[Any, ...]:
             try:
-                auth.require_endpoint(lab, request.username, api_name)
-                return people_outputs(action(lab, first, second))
+                user = auth.require_endpoint(lab, request.username, api_name)
+                return people_outputs(action(lab, first, second, user=user))
             except FaceLabError as exc:
                 raise _user_error(exc) from exc
 
