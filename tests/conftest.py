@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -57,12 +57,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(data_dir: Path, env: dict[str, str] | None = None, timeout_s: float = 120.0):
-    """Start ``python app.py`` on a free port; a context manager yielding its URL.
-
-    ``FACELAB_MATCH_THRESHOLD`` defaults to 0.8 for the child so the app starts even while
-    the embedder ships no calibrated threshold (tests do not depend on the exact value).
-    """
+def start_app(data_dir: Path, env: dict[str, str] | None = None, timeout_s: float = 120.0,
+              args: Sequence[str] = ()):
+    """Start ``python app.py --data DIR [args]`` on a free port; a context manager yielding its URL."""
     import contextlib
     import os
     import subprocess
@@ -75,11 +72,10 @@ def start_app(data_dir: Path, env: dict[str, str] | None = None, timeout_s: floa
     def running() -> Iterator[str]:
         port = _free_port()
         child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        child_env.setdefault("FACELAB_MATCH_THRESHOLD", "0.8")
         log_path = data_dir / "app.log"
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
-                [sys.executable, "app.py", "--data", str(data_dir), "--port", str(port)],
+                [sys.executable, "app.py", "--data", str(data_dir), "--port", str(port), *args],
                 cwd=Path(__file__).resolve().parents[1], env=child_env, stdout=log, stderr=subprocess.STDOUT,
             )
             url = f"http://127.0.0.1:{port}/"
