@@ -17,7 +17,6 @@ Landmark order is dlib's (see ``FaceBox``); coordinates are pixel centres.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -31,7 +30,7 @@ from models.base import InferenceModel
 from models.detectors.calibration import BoxCalibration
 from models.errors import ModelInputError, WeightsNotFoundError
 from models.types import FaceBox
-from models.weights_locator import FACE_MODELS_PIN, package_model_file
+from models.weights_locator import FACE_MODELS_PIN, file_sha256, package_model_file
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +56,6 @@ def to_dlib_rect(box_xyxy: np.ndarray) -> tuple[int, int, int, int]:
 def from_dlib_rect(left: int, top: int, right: int, bottom: int) -> np.ndarray:
     """dlib rectangle (inclusive) -> edge-coordinate box (x2 exclusive)."""
     return np.array([left, top, right + 1, bottom + 1], dtype=np.float64)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class LandmarkDetector(InferenceModel):
@@ -100,7 +91,7 @@ class LandmarkDetector(InferenceModel):
     @property
     def version(self) -> str:
         if self._version is None:
-            self._version = f"{self.name}-{_sha256(self._resolve_path())[:12]}"
+            self._version = f"{self.name}-{file_sha256(self._resolve_path())[:12]}"
         return self._version
 
     def _load(self) -> None:

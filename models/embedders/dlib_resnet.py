@@ -18,7 +18,6 @@ happens twice in this net; both are reproduced here.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from models.embedders.dlib_dat import (
 from models.errors import ModelInputError, WeightsNotFoundError
 from models.landmarks import LandmarkDetector
 from models.types import FaceBox
-from models.weights_locator import FACE_MODELS_PIN, package_model_file
+from models.weights_locator import FACE_MODELS_PIN, file_sha256, package_model_file
 
 
 @dataclass
@@ -204,14 +203,6 @@ CHIP_SIZE = 150
 CHIP_PADDING = 0.25  # dlib's default for this network (get_face_chip, compute_face_descriptor)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class DlibEmbedder(FaceEmbedder):
     """dlib's face ResNet (CC0): aligned 150x150 chips -> 128-d unit vectors.
 
@@ -271,7 +262,7 @@ class DlibEmbedder(FaceEmbedder):
     @property
     def version(self) -> str:
         if self._sha is None:
-            self._sha = _sha256(self._resolve_path())
+            self._sha = file_sha256(self._resolve_path())
         return f"dlib-{self._sha[:12]}" + ("-flip" if self.flip else "")
 
     def _load(self) -> None:

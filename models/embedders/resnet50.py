@@ -13,7 +13,6 @@ weights: a missing file raises ``WeightsNotFoundError`` saying how to train one.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from torch import nn
 from models.embedders.base import FaceEmbedder
 from models.errors import ModelInputError, WeightsNotFoundError
 from models.types import FaceBox
+from models.weights_locator import file_sha256
 
 CHECKPOINT_FORMAT = "facelab-resnet50-embedder/1"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "resnet50-face.pt"
@@ -158,14 +158,6 @@ def load_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str
         raise ModelInputError(f"{path} is not a FaceLab ResNet50 embedder checkpoint ({CHECKPOINT_FORMAT})")
     meta = {**DEFAULT_META, **payload["meta"]}
     return payload["state_dict"], meta
-
-
-def file_sha256(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ResNet50Embedder(FaceEmbedder):

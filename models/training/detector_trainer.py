@@ -21,7 +21,6 @@ cancelled run still ends cleanly with its best weights so far.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import sys
@@ -32,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from models.weights_locator import file_sha256
 
 ProgressFn = Callable[[dict], None]
 
@@ -213,14 +213,6 @@ def ensure_data_yaml(data_yaml: Path | str) -> Path:
     return data_yaml
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _plain(d: dict | None) -> dict[str, Any]:
     out = {}
     for k, v in (d or {}).items():
@@ -350,7 +342,7 @@ def train_detector(
     version = ""
     if best.exists():
         weights = export_weights(best, Path(config.output) if config.output else run_dir / "face-yolo.pt")
-        version = f"yolo-{_sha256(weights)[:12]}"
+        version = f"yolo-{file_sha256(weights)[:12]}"
         if config.export_onnx:
             if importlib.util.find_spec("onnx") is None:
                 notes.append("ONNX export skipped: the onnx package is not installed")
