@@ -20,7 +20,12 @@ Progress = Callable[[float, str], None]
 
 
 def faces_missing_embeddings(lab: Lab) -> list[int]:
-    version = lab.model_version
+    """Ids of faces the active embedder has not embedded yet."""
+    return faces_without(lab, lab.model_version)
+
+
+def faces_without(lab: Lab, version: str) -> list[int]:
+    """Ids of faces that have no embedding from ``version``."""
     with lab.sessions() as session:
         return list(session.scalars(
             select(Face.id)

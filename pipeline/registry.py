@@ -48,6 +48,7 @@ from models.embedders.base import FaceEmbedder
 from models.embedders.factory import create_embedder
 from models.types import FaceBox
 from pipeline.context import Lab
+from pipeline.embed import faces_without
 from pipeline.errors import FaceLabError, InvalidRequest, NotFound
 from pipeline.evaluate import cpu_threads
 from storage.embedding_rows import embedding_face_ids, fetch_embeddings
@@ -269,14 +270,6 @@ def build_embedder(lab: Lab, info: VersionInfo) -> FaceEmbedder:
     return embedder
 
 
-def faces_without(lab: Lab, version: str) -> list[int]:
-    """Ids of faces that have no embedding from ``version``."""
-    with lab.sessions() as session:
-        return list(session.scalars(
-            select(Face.id)
-            .where(~Face.id.in_(select(Embedding.face_id).where(Embedding.model_version == version)))
-            .order_by(Face.id)
-        ).all())
 
 
 def embed_faces_with(
@@ -375,18 +368,22 @@ def _swap(lab: Lab, info: VersionInfo, model: FaceDetector | FaceEmbedder, user:
             "to_version": info.version, "at": utcnow().isoformat(),
         })
         prev_info = _info(previous) if previous is not None else None
-    spec = resolve_spec(lab, info.spec)
-    if info.kind == "detector":
+    _put_in_use(lab, info.kind, info, model, resolve_spec(lab, info.spec))
+    return prev_info
+
+
+def _put_in_use(lab: Lab, kind: str, info: VersionInfo, model: FaceDetector | FaceEmbedder, spec: str) -> None:
+    """Make ``model`` the Lab's detector or embedder and its settings say so."""
+    if kind == "detector":
         lab.detector = model  # type: ignore[assignment]
         lab.settings = replace(lab.settings, detector=spec)
-    else:
-        lab.embedder = model  # type: ignore[assignment]
-        changes: dict[str, Any] = {"embedder": spec}
-        if info.match_threshold is not None:
-            # a global threshold was calibrated for another embedder's similarities
-            changes["match_threshold"] = None
-        lab.settings = replace(lab.settings, **changes)
-    return prev_info
+        return
+    lab.embedder = model  # type: ignore[assignment]
+    changes: dict[str, Any] = {"embedder": spec}
+    if info.match_threshold is not None:
+        # a global threshold was calibrated for another embedder's similarities
+        changes["match_threshold"] = None
+    lab.settings = replace(lab.settings, **changes)
 
 
 def activate(
@@ -497,15 +494,7 @@ def apply_active_models(lab: Lab) -> list[str]:
             log.error(msg)
             messages.append(msg)
             continue
-        if kind == "detector":
-            lab.detector = model  # type: ignore[assignment]
-            lab.settings = replace(lab.settings, detector=spec)
-        else:
-            lab.embedder = model  # type: ignore[assignment]
-            changes: dict[str, Any] = {"embedder": spec}
-            if info.match_threshold is not None:
-                changes["match_threshold"] = None
-            lab.settings = replace(lab.settings, **changes)
+        _put_in_use(lab, kind, info, model, spec)
         messages.append(f"{kind}: {info.label()}")
     return messages
 
