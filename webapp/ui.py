@@ -12,6 +12,7 @@ import gradio as gr
 from pipeline import auth, views
 from pipeline.context import Lab
 from pipeline.errors import FaceLabError
+from webapp import gradio_cache
 from webapp.data_tab import build_data_tab
 from webapp.label_tab import build_label_tab
 from webapp.train_tab import build_train_tab
@@ -31,6 +32,7 @@ def _user_error(exc: FaceLabError) -> gr.Error:
 
 
 def build_ui(lab: Lab) -> gr.Blocks:
+    gradio_cache.install()  # concurrent identical image outputs must not serve a half-written file
     with gr.Blocks(title="FaceLab", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         gr.Markdown(views.status_line(lab), elem_id="status-line")
