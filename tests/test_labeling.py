@@ -380,7 +380,7 @@ def test_annotator_labels_round_trip_to_box_edits(lab: Lab) -> None:
     view = review.open_image(lab, image_id)
     (box,) = view.boxes
     face_id = view.current["order"][0]
-    assert box["label"] == f"face #{face_id}" and box["color"].startswith("rgb(")
+    assert box["label"] == f"#{face_id}" and box["color"].startswith("rgb(")
     assert set(box) == {"label", "color", "xmin", "ymin", "xmax", "ymax"}  # the annotator refuses other keys
     drawn = {"label": "Zed Newman", "color": "rgb(1, 2, 3)", "xmin": 300, "ymin": 380, "xmax": 380, "ymax": 470}
     value = {"image": None, "boxes": [drawn, dict(box)], "orientation": 0}
@@ -397,11 +397,66 @@ def test_annotator_labels_round_trip_to_box_edits(lab: Lab) -> None:
 
     saved = review.save(lab, view.current, value, user="frank")
     assert "Saved image" in saved.message and len(saved.boxes) == 2
-    assert {b["label"] for b in saved.boxes} >= {f"face #{face_id}"}
+    assert {b["label"] for b in saved.boxes} >= {f"#{face_id}"}
     assert any(b["label"].startswith("Zed Newman #") for b in saved.boxes)
     assert "Zed Newman" in saved.label_list and saved.label_list[0] == review.UNNAMED_LABEL
     same = review.save(lab, saved.current, {"boxes": saved.boxes, "orientation": 0})
     assert same.message == "Nothing changed since the last save."
+
+
+def test_small_photos_are_shown_enlarged_and_saved_in_their_own_pixels(lab: Lab, tmp_path: Path) -> None:
+    # face_mask-like: a 300x200 photo; the editor would show its faces at their 1:1 size
+    small = np.asarray(PILImage.fromarray(_variant(14)).resize((300, 280)))
+    image_id = _add(lab, small, "small.png")
+    view = review.open_image(lab, image_id)
+    scale = view.display_scale
+    assert scale == review.display_scale(300, 280) == round(min(720 / 300, 620 / 280), 2) and scale > 2
+    assert review.display_scale(600, 560) == 1.0  # big enough already: no resampling
+    assert f"shown at {scale:g}×" in view.info
+    stored = labeling.load_for_labeling(lab, image_id, with_pixels=False).boxes[0].box
+    (box,) = view.boxes
+    assert [box[k] for k in ("xmin", "ymin", "xmax", "ymax")] == pytest.approx([v * scale for v in stored])
+
+    shown = review.display_copy(view.image_path, scale, tmp_path / "served")
+    with PILImage.open(shown) as img:
+        assert img.size == (round(300 * scale), round(280 * scale))
+    assert shown.name.startswith(view.image_path.stem)  # the sha256 prefix privacy deletes look for
+    assert review.display_copy(view.image_path, scale, tmp_path / "served") == shown  # made once
+
+    # a box drawn on the enlarged copy lands in the photo's pixels; the untouched box does not move
+    drawn = {"label": "face", "color": "rgb(1, 2, 3)", "xmin": 10 * scale, "ymin": 12 * scale,
+             "xmax": 60 * scale, "ymax": 70 * scale}
+    saved = review.save(lab, view.current, {"boxes": [dict(box), drawn], "orientation": 0})
+    state = labeling.load_for_labeling(lab, image_id, with_pixels=False)
+    assert sorted(b.box for b in state.boxes) == pytest.approx(sorted([stored, (10.0, 12.0, 60.0, 70.0)]))
+    assert review.save(lab, saved.current, {"boxes": saved.boxes, "orientation": 0}).message == \
+        "Nothing changed since the last save."
+
+
+def test_the_selected_box_is_highlighted_and_removed_from_the_keyboard(lab: Lab) -> None:
+    image_id = _add(lab, _variant(15))
+    view = review.open_image(lab, image_id)
+    (face_id,) = view.current["order"]
+    (box,) = view.boxes
+    assert view.selected == face_id and box["color"] == review.SELECTED_COLOUR  # drawn in magenta on load
+    drawn = {"label": "face", "color": "rgb(1, 2, 3)", "xmin": 20, "ymin": 30, "xmax": 90, "ymax": 110}
+    value = {"boxes": [dict(box), drawn], "orientation": 0}
+    # selecting nothing gives every stored box its own colour back; new boxes keep theirs
+    plain = review.editor_boxes(view.current, value, None)
+    assert plain[0]["color"] == view.current["faces"][face_id]["color"] != review.SELECTED_COLOUR
+    assert plain[1] == drawn
+    # X: the selected box leaves the editor (not the database) and nothing is left to select
+    boxes, chosen = review.remove_box(view.current, value, face_id)
+    assert boxes == [drawn] and chosen is None
+    assert len(labeling.load_for_labeling(lab, image_id, with_pixels=False).boxes) == 1
+    with pytest.raises(InvalidRequest, match="Select a box first"):
+        review.remove_box(view.current, value, None)
+    with pytest.raises(InvalidRequest, match="not in the editor"):
+        review.remove_box(view.current, {"boxes": [drawn]}, face_id)
+    # saving what is left deletes the face
+    saved = review.save(lab, view.current, {"boxes": boxes, "orientation": 0})
+    assert [b.origin for b in labeling.load_for_labeling(lab, image_id, with_pixels=False).boxes] == [HUMAN_ORIGIN]
+    assert face_id not in saved.current["faces"]
 
 
 def test_accepting_a_suggestion_names_the_selected_box(lab: Lab, enrolled: int) -> None:
@@ -421,7 +476,7 @@ def test_accepting_a_suggestion_names_the_selected_box(lab: Lab, enrolled: int) 
     with pytest.raises(Conflict):
         review.save(lab, view.current, {"boxes": view.boxes})
     undone = review.undo(lab, accepted.current)
-    assert undone.boxes[0]["label"] == f"face #{face_id}"
+    assert undone.boxes[0]["label"] == f"#{face_id}"
 
 
 # -- named endpoints on the running app ------------------------------------------------------------
@@ -464,7 +519,7 @@ def test_label_endpoints_through_gradio_client(app_server: str, tmp_path: Path) 
     assert [row[3] for row in history["data"]] == ["save", "save"]
 
     out = client.predict(api_name="/label_undo")
-    assert "Undid" in out[MESSAGE] and f"face #{face_id}" in [b["label"] for b in out[0]["value"]["boxes"]]
+    assert "Undid" in out[MESSAGE] and f"#{face_id}" in [b["label"] for b in out[0]["value"]["boxes"]]
 
     # another person saving first: this client's next save is refused, naming them
     other = Client(app_server, verbose=False)

@@ -17,9 +17,6 @@ Why it is built this way (see ../shared/notes/measurements.md on the annotator):
 from __future__ import annotations
 
 import html
-import os
-import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,13 +24,14 @@ from typing import Any
 import gradio as gr
 from gradio_image_annotation import image_annotator
 
-from pipeline import auth, review
+from pipeline import auth, privacy, review
 from pipeline.context import Lab
 from pipeline.errors import FaceLabError
 
 SHORTCUTS = (
     "**Keys** (outside text fields): **S** save · **N** save & next · **K** skip · **U** undo · "
-    "**1-5** accept a suggestion for the selected box · **[ ]** previous/next box. "
+    "**1-5** accept a suggestion for the selected box · **[ ]** previous/next box (drawn in magenta) · "
+    "**X** remove the selected box. "
     "In the image: **C** draw boxes, **D** move/resize, **Delete** remove the selected box; "
     "after drawing, type the person's name (or keep *face*) and press Enter."
 )
@@ -42,7 +40,7 @@ SHORTCUTS = (
 KEYS_JS = r"""
 if (!window.__facelabLabelKeys) {
   window.__facelabLabelKeys = true;
-  const ids = {s: "label-save", n: "label-next", k: "label-skip", u: "label-undo",
+  const ids = {s: "label-save", n: "label-next", k: "label-skip", u: "label-undo", x: "label-remove-box",
                "[": "label-prev-box", "]": "label-next-box"};
   const shown = (el) => !!el && el.offsetParent !== null;
   const typing = (t) => !!t && (t.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(t.tagName));
@@ -85,6 +83,17 @@ if (!window.__facelabLabelKeys) {
     }
     if (e.ctrlKey || e.metaKey || e.altKey || e.repeat || typing(e.target)) return;
     const key = (e.key || "").toLowerCase();
+    // C (draw) and D (move) belong to the photo editor, which only hears keys while it has
+    // the focus; after X, [ ] or a button click it does not: hand those keys over to it
+    // (the annotator acts on keys whose target is its focusable container)
+    const editor = document.querySelector("#label-annotator .annotator-container");
+    if ((key === "c" || key === "d") && shown(editor) && !e.target.closest?.("#label-annotator")) {
+      e.preventDefault();
+      e.stopPropagation();
+      editor.focus();
+      editor.dispatchEvent(new KeyboardEvent("keydown", {key: e.key, code: e.code, bubbles: true, cancelable: true}));
+      return;
+    }
     const id = ids[key] || (/^[1-5]$/.test(key) ? "label-suggest-" + key : null);
     if (!id) return;
     const button = document.getElementById(id);
@@ -113,8 +122,7 @@ if (!window.__facelabLabelKeys) {
 }
 """
 
-#: Gradio serves only files it created or was told about; a stored image is copied
-#: once (content-addressed) into this folder inside Gradio's upload folder
+#: the editor's copies of stored images, inside Gradio's upload folder
 SERVE_DIR = "facelab-label"
 
 
@@ -122,22 +130,14 @@ def _user_error(exc: FaceLabError) -> gr.Error:
     return gr.Error(html.escape(str(exc)), print_exception=False)
 
 
-def _served_copy(path: Path) -> str:
-    """A copy of a stored image inside Gradio's upload folder (made once per image)."""
+def _serve_folder() -> Path:
+    """Where the editor's copies of stored images go: inside Gradio's upload folder (Gradio
+    serves only files it made or was told about), registered for privacy deletes."""
     from gradio.utils import get_upload_folder
 
     folder = Path(get_upload_folder()) / SERVE_DIR
-    target = folder / path.name  # the name is the content's sha256: never stale
-    if not target.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=path.suffix)
-        os.close(fd)
-        try:
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    return str(target)
+    privacy.register_cache_dir(folder)
+    return folder
 
 
 def build_label_tab(lab: Lab) -> None:
@@ -150,11 +150,14 @@ def build_label_tab(lab: Lab) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=480):
             info = gr.Markdown("No image open.", elem_id="label-info")
+            gr.Markdown("In the photo: **C** draw · **D** move/resize · **Delete** remove the selected box · "
+                        "mouse wheel zooms", elem_id="label-editor-keys")
+            # no label on the component: it is drawn over the photo's top-left corner and hid faces there
             annotator = image_annotator(
-                value=None, label="Faces (C: draw · D: move · Delete: remove)", show_label=True,
+                value=None, label="Faces", show_label=False,
                 label_list=[review.UNNAMED_LABEL], image_type="pil", sources=[],
                 show_clear_button=False, show_remove_button=True, show_download_button=False,
-                use_default_label=False, boxes_alpha=0.1, box_min_size=6, handle_size=7,
+                use_default_label=False, boxes_alpha=0.1, box_min_size=6, handle_size=4,
                 height=620, elem_id="label-annotator",
             )
             with gr.Row():
@@ -176,6 +179,7 @@ def build_label_tab(lab: Lab) -> None:
                 picker = gr.Dropdown(label="Selected box", choices=[], value=None, interactive=True,
                                      elem_id="label-box", scale=4)
                 next_box_btn = gr.Button("]", size="sm", scale=0, min_width=40, elem_id="label-next-box")
+                remove_box_btn = gr.Button("Remove (X)", size="sm", scale=1, elem_id="label-remove-box")
             gr.Markdown("Suggestions for the selected box (nearest enrolled people; ✓ = above the match threshold):")
             suggest_btns = [
                 gr.Button("", visible=False, size="sm", elem_id=f"label-suggest-{n}")
@@ -206,7 +210,8 @@ def build_label_tab(lab: Lab) -> None:
     def render(view: review.LabelView) -> tuple[Any, ...]:
         value = None
         if view.image_path is not None:
-            value = {"image": _served_copy(view.image_path), "boxes": view.boxes}
+            shown_file = review.display_copy(view.image_path, view.display_scale, _serve_folder())
+            value = {"image": str(shown_file), "boxes": view.boxes}
         annotated = image_annotator(value=value, label_list=view.label_list)
         buttons = [gr.update(value=text or " ", visible=bool(text)) for text in view.suggestion_labels]
         return (
@@ -302,16 +307,35 @@ def build_label_tab(lab: Lab) -> None:
         button.click(accept(rank), [current, annotator, picker], view_outputs, api_visibility="private")
 
     # -- box selection (no database calls) -------------------------------------------------
-    def on_pick(cur: dict | None, face: int | None) -> list[Any]:
-        return [gr.update(value=t or " ", visible=bool(t)) for t in review.select_box(cur, face)]
+    def editor_update(cur: dict, boxes: list[dict]) -> Any:
+        shown_file = review.display_copy(Path(cur["image_file"]), cur["display_scale"], _serve_folder())
+        return gr.update(value={"image": str(shown_file), "boxes": boxes})
 
-    picker.change(on_pick, [current, picker], suggest_btns, api_visibility="private", queue=False)
+    def on_pick(cur: dict | None, face: int | None, value: dict | None) -> list[Any]:
+        buttons = [gr.update(value=t or " ", visible=bool(t)) for t in review.select_box(cur, face)]
+        boxes = review.editor_boxes(cur, value, face)
+        # after a load the selected box is drawn in its colour already: leave the editor alone
+        same = cur is None or boxes == [dict(b) for b in (value or {}).get("boxes") or []]
+        return [*buttons, gr.skip() if same else editor_update(cur, boxes)]
+
+    picker.change(on_pick, [current, picker, annotator], [*suggest_btns, annotator],
+                  api_visibility="private", queue=False)
 
     def on_step(cur: dict | None, face: int | None, step: int) -> Any:
         return review.step_box(cur, face, step)
 
     prev_box_btn.click(partial(on_step, step=-1), [current, picker], picker, api_visibility="private", queue=False)
     next_box_btn.click(partial(on_step, step=1), [current, picker], picker, api_visibility="private", queue=False)
+
+    def on_remove(cur: dict | None, value: dict | None, face: int | None) -> tuple[Any, Any]:
+        try:
+            boxes, chosen = review.remove_box(cur, value, face)
+        except FaceLabError as exc:
+            raise _user_error(exc) from exc
+        return editor_update(cur, boxes), chosen
+
+    remove_box_btn.click(on_remove, [current, annotator, picker], [annotator, picker],
+                         api_visibility="private", queue=False)
 
     def on_row(cur: dict | None, event: gr.SelectData) -> Any:
         row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
