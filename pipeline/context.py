@@ -4,6 +4,27 @@ It owns the database engine, the image store, the detector/landmarker/embedder (
 loaded once, on first use) and the FAISS index of the active embedder. Operations in
 ``pipeline.*`` are plain functions taking a ``Lab``, so the UI, the CLI and tests call
 the same code.
+
+The in-memory index follows the database, including writes by other processes (``python
+app.py ingest`` while the app runs, a second app on the same data folder):
+
+* ``Lab.index()`` (every search) first compares the database's embedding stamp
+  ``(count, max row id, sum of row ids)`` with the index's own (one aggregate query,
+  no vectors). On a difference it syncs: reads the rows above the index's newest row
+  id (new and re-embedded faces) by id range, and only if that does not explain the
+  difference (deletions) diffs all ``(face id, embedding row id)`` pairs; vectors are
+  read only for new or re-embedded faces. Then it saves the index.
+* Writers in this process apply their own change right after their commit, inside
+  ``Lab.index_for_update()``, so the next stamp check finds nothing to do.
+
+Why the two cannot lose or double-apply a change: both run under ``_index_lock``, and a
+writer applies only after its commit, so a sync sees either the index without the
+writer's change and the database with it (it applies the change; the writer's later
+``add(..., keep_newer=True)`` then skips rows the index already holds, or that a newer
+row replaced) or the index with it. Any vector a sync finds that the database no longer
+has was therefore deleted, and it goes. If a writer re-adds a face that another process
+deleted in between, index and database stamps differ and the next ``index()`` syncs it
+away before anything searches.
 """
 
 from __future__ import annotations
@@ -26,8 +47,8 @@ from models.embedders.factory import create_embedder
 from models.landmarks import LandmarkDetector
 from pipeline.settings import Settings
 from storage.db import make_engine, migrate, session_factory
-from storage.embedding_rows import embedding_face_ids, fetch_embeddings
-from storage.faiss_index import FaceIndex, ids_checksum
+from storage.embedding_rows import embedding_rows, embedding_stamp, fetch_embedding_rows
+from storage.faiss_index import FaceIndex
 from storage.images import ImageStore
 
 log = logging.getLogger(__name__)
@@ -100,12 +121,31 @@ class Lab:
         return float(self.embedder.match_threshold)
 
     # -- index -----------------------------------------------------------------------
-    def index(self) -> FaceIndex:
-        """The FAISS index of the active embedder, rebuilt from the database if needed."""
-        with self._index_lock:
-            if self._index is None or self._index.model_version != self.model_version:
-                self._index = self._load_index()
-            return self._index
+    def index(self, sync: bool = True) -> FaceIndex:
+        """The FAISS index of the active embedder, loaded (or rebuilt) from the database if needed.
+
+        ``sync`` (default): first bring it up to date with writes made since, by any
+        process (module docstring). ``sync=False`` skips the check, e.g. for a caller that
+        reads the index many times within one operation.
+        """
+        index = self._index
+        if index is None or index.model_version != self.model_version:
+            with self._index_lock:
+                if self._index is None or self._index.model_version != self.model_version:
+                    self._index = self._load_index()
+                return self._index
+        # the no-change check runs without the lock, so concurrent searches do not queue
+        # behind each other's query; only a sync takes it (and checks again under it)
+        if sync and self._database_stamp(index.model_version) != index.stamp():
+            with self._index_lock:
+                if self._index is index:
+                    self._sync_index(index)
+                return self._index
+        return index
+
+    def _database_stamp(self, version: str) -> tuple[int, int, int]:
+        with self.sessions() as session:
+            return embedding_stamp(session, version)
 
     def rebuild_index(self) -> FaceIndex:
         """Throw the index away and build it again from the database."""
@@ -119,16 +159,80 @@ class Lab:
     def _load_index(self) -> FaceIndex:
         version, dim = self.model_version, self.embedder.dim
         with self.sessions() as session:
-            ids = embedding_face_ids(session, version)
+            face_ids, row_ids = embedding_rows(session, version)
 
-        def fetch_all() -> tuple[np.ndarray, np.ndarray]:
+        def fetch_all() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             with self.sessions() as session:
-                return fetch_embeddings(session, version, dim)
+                return fetch_embedding_rows(session, version, dim)
 
-        return FaceIndex.load_or_rebuild(
-            self.settings.index_dir, version, dim, fetch_all,
-            expected_count=len(ids), expected_checksum=ids_checksum(ids),
-        )
+        return FaceIndex.load_or_rebuild(self.settings.index_dir, version, dim, fetch_all,
+                                         face_ids=face_ids, row_ids=row_ids)
+
+    @contextmanager
+    def index_for_update(self) -> Iterator[FaceIndex]:
+        """The index, for a writer to apply the change it has just committed (and save).
+
+        Holds ``_index_lock`` so no sync runs meanwhile. Use ``add(..., row_ids,
+        keep_newer=True)`` (the database may already hold a newer row for the face, or a
+        sync may have applied this very change) and ``remove`` for deleted faces.
+        """
+        with self._index_lock:
+            if self._index is None or self._index.model_version != self.model_version:
+                self._index = self._load_index()  # reads the database after the commit
+            yield self._index
+
+    def _sync_index(self, index: FaceIndex) -> bool:
+        """Apply the database's changes since the index was last in step; True if any.
+
+        Called with ``_index_lock`` held: one sync at a time, never during a writer's update.
+        First the cheap part: rows with ids above the index's newest (added faces, and
+        re-embedded ones, whose new row replaces the old vector) are read by id range.
+        Only if the stamps still differ (deletions; on PostgreSQL also a row that committed
+        after a higher id) are all (face id, row id) pairs diffed.
+        """
+        version, dim = index.model_version, index.dim
+        with self.sessions() as session:
+            target = embedding_stamp(session, version)
+            if target == index.stamp():
+                return False  # another thread synced meanwhile
+            newest = index.stamp()[1]
+            fetched = self._fetch_rows(session, version, dim, after=newest, up_to=target[1]) if target[1] > newest \
+                else None
+        added = index.add(*fetched) if fetched is not None else 0
+        removed = 0
+        if index.stamp() != target:
+            with self.sessions() as session:
+                db_faces, db_rows = embedding_rows(session, version)
+            have_faces, have_rows = index.rows()
+            # pairs the index lacks: new faces, or faces re-embedded since (a new row id)
+            if len(have_faces):
+                at = np.minimum(np.searchsorted(have_faces, db_faces), len(have_faces) - 1)
+                held = (have_faces[at] == db_faces) & (have_rows[at] == db_rows)
+            else:
+                held = np.zeros(len(db_faces), dtype=bool)
+            removed = index.remove(np.setdiff1d(have_faces, db_faces, assume_unique=True))
+            if not held.all():
+                # rows deleted since the pairs were read are not returned: the stamps then
+                # still differ and the next call syncs again
+                with self.sessions() as session:
+                    fetched = self._fetch_rows(session, version, dim, db_rows[~held])
+                if fetched is not None:
+                    added += index.add(*fetched)
+        if removed or added:
+            log.info("search index %s synced with the database: %d vector(s) added or replaced, %d removed",
+                     version, added, removed)
+            if not index.matches_saved():  # e.g. the process that wrote saved this very state
+                index.save()
+        return bool(removed or added)
+
+    @staticmethod
+    def _fetch_rows(session: Session, version: str, dim: int, row_ids: np.ndarray | None = None,
+                    **bounds: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        try:
+            return fetch_embedding_rows(session, version, dim, row_ids, **bounds)
+        except ValueError as exc:  # a malformed row: serve what we have; `check --repair` fixes it
+            log.warning("search index %s not synced with the database: %s", version, exc)
+            return None
 
 
 def set_compute_threads(threads: int) -> None:

@@ -47,7 +47,6 @@ def embed_faces(lab: Lab, face_ids: Sequence[int], progress: Progress | None = N
     for row in rows:
         by_image[row.sha256].append(row)
     done = 0
-    index = lab.index()
     for n, (sha, faces) in enumerate(by_image.items()):
         image = lab.images.open(sha)
         boxes = [
@@ -62,14 +61,22 @@ def embed_faces(lab: Lab, face_ids: Sequence[int], progress: Progress | None = N
                 existing = set(session.scalars(
                     select(Embedding.face_id).where(Embedding.face_id.in_(ids), Embedding.model_version == version)
                 ).all())
-                for face_id, vec in zip(ids, vectors, strict=True):
-                    if face_id not in existing and session.get(Face, face_id) is not None:
-                        session.add(Embedding.from_array(face_id, version, vec))
-            index.add(np.asarray(ids, np.int64), vectors)
+                # only faces still there and not embedded meanwhile: the index gets exactly
+                # the rows written here (another writer's rows reach it through its own update)
+                added = [(face_id, Embedding.from_array(face_id, version, vec))
+                         for face_id, vec in zip(ids, vectors, strict=True)
+                         if face_id not in existing and session.get(Face, face_id) is not None]
+                session.add_all([row for _, row in added])
+            if added:
+                with lab.index_for_update() as index:
+                    index.add(np.asarray([face_id for face_id, _ in added], np.int64),
+                              np.stack([row.as_array() for _, row in added]),
+                              np.asarray([row.id for _, row in added], np.int64), keep_newer=True)
         done += len(ids)
         if progress:
             progress((n + 1) / len(by_image), f"Embedded {done} of {len(rows)} face(s)")
-    index.save()
+    with lab.index_for_update() as index:
+        index.save()
     return done
 
 

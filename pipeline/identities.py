@@ -124,9 +124,9 @@ def delete_person(lab: Lab, name: str, delete_faces: bool, user: str = "local") 
             label = person.name
         fault_point("delete_person_after_commit")
         if delete_faces and face_ids:
-            index = lab.index()
-            index.remove(np.asarray(face_ids, dtype=np.int64))
-            index.save()
+            with lab.index_for_update() as index:
+                index.remove(np.asarray(face_ids, dtype=np.int64))
+                index.save()
     if delete_faces:
         return f"Deleted {label} and {len(face_ids)} face(s) with their embeddings."
     return f"Deleted {label}; their {len(face_ids)} face(s) are kept, unnamed."

@@ -135,6 +135,7 @@ def _detect_embed_store(lab: Lab, images: Sequence[DecodedImage]) -> list[FileRe
     stored: list[tuple[DecodedImage, int, list[FaceInfo], np.ndarray | None]] = []
     new_ids: list[np.ndarray] = []
     new_vectors: list[np.ndarray] = []
+    new_rows: list[list[Embedding]] = []
     for image, boxes, vecs in zip(images, with_landmarks, vectors, strict=True):
         lab.images.put(image)  # atomic, content-addressed; before the row that points to it
         fault_point("ingest_after_file")
@@ -152,18 +153,20 @@ def _detect_embed_store(lab: Lab, images: Sequence[DecodedImage]) -> list[FileRe
             faces = [_new_face(box, origin) for box in boxes]
             row.faces.extend(faces)
             session.flush()
-            for face, vec in zip(faces, vecs, strict=True):
-                session.add(Embedding.from_array(face.id, version, vec))
+            embeddings = [Embedding.from_array(face.id, version, vec) for face, vec in zip(faces, vecs, strict=True)]
+            session.add_all(embeddings)
             stored.append((image, row.id, [_face_info(f) for f in faces], np.asarray(vecs, dtype=np.float32)))
             if faces:
                 new_ids.append(np.array([f.id for f in faces], dtype=np.int64))
                 new_vectors.append(np.asarray(vecs, dtype=np.float32))
+                new_rows.append(embeddings)  # ids are set by the flush at commit
 
     fault_point("ingest_after_commit")
     if new_ids:
-        index = lab.index()
-        index.add(np.concatenate(new_ids), np.concatenate(new_vectors))
-        index.save()
+        row_ids = np.array([e.id for batch in new_rows for e in batch], dtype=np.int64)
+        with lab.index_for_update() as index:
+            index.add(np.concatenate(new_ids), np.concatenate(new_vectors), row_ids, keep_newer=True)
+            index.save()
 
     results = []
     for image, image_id, infos, vecs in stored:

@@ -374,7 +374,8 @@ def _commit(
                 )
                 if bumped.rowcount != 1:
                     raise Conflict(_conflict_message(session, image_id))
-                changes, face_ids = _apply(session, lab, image_id, stored, targets, deleted_ids, computed, user)
+                changes, face_ids, new_rows = _apply(session, lab, image_id, stored, targets, deleted_ids, computed,
+                                                     user)
                 if not changes.any() and new_status == status_before:
                     # nothing to write: roll back so other people's loaded versions stay valid
                     raise _NoChange
@@ -394,23 +395,28 @@ def _commit(
             raise Conflict(f"Someone else changed image {image_id} or created the same name at the same moment; "
                            "reload and try again.") from exc
 
-        index = lab.index()
-        if deleted_ids:
-            index.remove(np.asarray(deleted_ids, dtype=np.int64))
-        if to_embed:
-            index.add(np.asarray([face_ids[id(t)] for t in to_embed], dtype=np.int64), np.stack(vectors))
         if deleted_ids or to_embed:
-            index.save()
+            with lab.index_for_update() as index:
+                if deleted_ids:
+                    index.remove(np.asarray(deleted_ids, dtype=np.int64))
+                if to_embed:
+                    # a moved box keeps its face id and gets a new embedding row
+                    index.add(np.asarray([face_ids[id(t)] for t in to_embed], dtype=np.int64), np.stack(vectors),
+                              np.asarray([new_rows[id(t)].id for t in to_embed], dtype=np.int64), keep_newer=True)
+                index.save()
     return load_for_labeling(lab, image_id, with_pixels=False)
 
 
 def _apply(session: Session, lab: Lab, image_id: int, stored: dict[int, Face], targets: list[_Target],
-           deleted_ids: list[int], computed: dict[int, tuple], user: str) -> tuple[_Changes, dict[int, int]]:
-    """Write the targets into the session; returns what changed and target -> face id."""
+           deleted_ids: list[int], computed: dict[int, tuple], user: str,
+           ) -> tuple[_Changes, dict[int, int], dict[int, Embedding]]:
+    """Write the targets into the session; returns what changed, target -> face id and
+    target -> its new embedding row (boxes added or moved)."""
     changes = _Changes()
     version = lab.model_version
     names: dict[str, Identity | None] = {}
     face_ids: dict[int, int] = {}
+    new_rows: dict[int, Embedding] = {}
     now = utcnow()
     live = {f.id: f for f in session.scalars(select(Face).where(Face.image_id == image_id)).all()}
     gone = [t.face_id for t in targets if t.face_id is not None and t.face_id not in live]
@@ -432,7 +438,8 @@ def _apply(session: Session, lab: Lab, image_id: int, stored: dict[int, Face], t
                         updated_by=user, updated_at=now)
             session.add(face)
             session.flush()
-            session.add(Embedding.from_array(face.id, version, vec))
+            new_rows[id(t)] = Embedding.from_array(face.id, version, vec)
+            session.add(new_rows[id(t)])
             face_ids[id(t)] = face.id
             changes.added.append({"face_id": face.id, "box": list(t.box), "name": _name_of(identity)})
             continue
@@ -447,7 +454,8 @@ def _apply(session: Session, lab: Lab, image_id: int, stored: dict[int, Face], t
             face.landmarks = Face.landmarks_to_json(lm)
             face.origin = t.origin or HUMAN_ORIGIN
             face.score = 1.0 if t.score is None else float(t.score)
-            session.add(Embedding.from_array(face.id, version, vec))
+            new_rows[id(t)] = Embedding.from_array(face.id, version, vec)
+            session.add(new_rows[id(t)])
             face_ids[id(t)] = face.id
             touched = True
         elif t.origin is not None and (face.origin, face.score) != (t.origin, t.score):  # undo of a move within tolerance
@@ -471,8 +479,8 @@ def _apply(session: Session, lab: Lab, image_id: int, stored: dict[int, Face], t
         changes.deleted.append({"face_id": face_id, "box": list(old.box), "origin": old.origin, "score": old.score,
                                 "identity_id": old.identity_id})
         session.delete(live[face_id])  # embeddings go with it (ON DELETE CASCADE)
-    session.flush()
-    return changes, face_ids
+    session.flush()  # also gives the new embedding rows their ids
+    return changes, face_ids, new_rows
 
 
 def _resolve_identity(session: Session, t: _Target, cache: dict[str, Identity | None]) -> Identity | None:

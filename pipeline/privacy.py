@@ -157,9 +157,9 @@ def forget_person(lab: Lab, name: str, user: str = "local", delete_photos: bool 
 # -- after the commit: indexes, files, caches ------------------------------------------------
 def _after_commit(lab: Lab, face_ids: list[int], shas: list[str]) -> None:
     if face_ids:
-        index = lab.index()
-        index.remove(np.asarray(face_ids, dtype=np.int64))
-        index.save()
+        with lab.index_for_update() as index:
+            index.remove(np.asarray(face_ids, dtype=np.int64))
+            index.save()
         drop_other_version_indexes(lab)
     for sha in shas:
         with lab.sessions() as session:  # same bytes re-uploaded since? then the file is in use

@@ -51,8 +51,8 @@ from pipeline.context import Lab
 from pipeline.embed import faces_without
 from pipeline.errors import FaceLabError, InvalidRequest, NotFound
 from pipeline.evaluate import cpu_threads
-from storage.embedding_rows import embedding_face_ids, fetch_embeddings
-from storage.faiss_index import FaceIndex, ids_checksum
+from storage.embedding_rows import embedding_rows, fetch_embedding_rows
+from storage.faiss_index import FaceIndex
 from storage.orm import (
     AuditLog,
     Embedding,
@@ -326,14 +326,14 @@ def build_index_for(lab: Lab, embedder: FaceEmbedder) -> FaceIndex:
     """The embedder's FAISS index, complete and saved (loaded if already up to date)."""
     version, dim = embedder.version, embedder.dim
     with lab.sessions() as session:
-        ids = embedding_face_ids(session, version)
+        face_ids, row_ids = embedding_rows(session, version)
 
-    def fetch_all() -> tuple[np.ndarray, np.ndarray]:
+    def fetch_all() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with lab.sessions() as session:
-            return fetch_embeddings(session, version, dim)
+            return fetch_embedding_rows(session, version, dim)
 
     return FaceIndex.load_or_rebuild(lab.settings.index_dir, version, dim, fetch_all,
-                                     expected_count=len(ids), expected_checksum=ids_checksum(ids))
+                                     face_ids=face_ids, row_ids=row_ids)
 
 
 # ----------------------------------------------------------------------------- switching

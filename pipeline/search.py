@@ -64,7 +64,7 @@ def search_face(lab: Lab, face_id: int, k: int = 10, threshold: float | None = N
 def _rank(lab: Lab, vectors: np.ndarray, k: int, threshold: float, exclude: set[int] | None = None):
     index = lab.index()
     results = []
-    people = nearest_people(lab, vectors, people=k, exclude=exclude)
+    people = nearest_people(lab, vectors, people=k, exclude=exclude, index=index)
     if len(index) == 0:
         return [([], p) for p in people]
     depth = min(len(index), k + len(exclude or ()))

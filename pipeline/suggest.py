@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from pipeline.context import Lab
 from pipeline.results import FaceInfo, PersonMatch, Suggestion
+from storage.faiss_index import FaceIndex
 from storage.orm import Face, Identity
 
 #: how many nearest faces to look through for enrolled ones; unknown faces crowd the
@@ -16,11 +17,16 @@ from storage.orm import Face, Identity
 SEARCH_DEPTH = 200
 
 
-def nearest_people(lab: Lab, vectors: np.ndarray, people: int = 5, exclude: set[int] | None = None) -> list[list[PersonMatch]]:
-    """For each query vector, up to ``people`` named persons ranked by best face similarity."""
+def nearest_people(lab: Lab, vectors: np.ndarray, people: int = 5, exclude: set[int] | None = None,
+                   index: FaceIndex | None = None) -> list[list[PersonMatch]]:
+    """For each query vector, up to ``people`` named persons ranked by best face similarity.
+
+    ``index``: the caller's ``lab.index()`` when it already has one for this request
+    (spares a second change check against the database).
+    """
     if len(vectors) == 0:
         return []
-    index = lab.index()
+    index = index if index is not None else lab.index()
     if len(index) == 0:
         return [[] for _ in range(len(vectors))]
     scores, ids = index.search(np.asarray(vectors, dtype=np.float32), min(SEARCH_DEPTH, len(index)))

@@ -150,14 +150,34 @@ def migrate(engine: Engine, revision: str = "head") -> None:
 
     cfg = alembic_config(engine)
     # Alembic's command API keeps its context in module globals: one upgrade at a time
-    with _MIGRATE_LOCK, engine.begin() as connection:
-        if connection.dialect.name == "sqlite":
-            # pysqlite would run the DDL outside any transaction; open one explicitly
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-        elif connection.dialect.name == "postgresql":
-            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK_KEY})")
-        cfg.attributes["connection"] = connection
-        command.upgrade(cfg, revision)
+    with _MIGRATE_LOCK, engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # Revisions that rebuild tables (0004) must not fire ON DELETE CASCADE when an
+            # old table is dropped. The pragma is a no-op inside a transaction, so it is set
+            # before BEGIN and restored before the connection goes back to the pool; such a
+            # revision checks the references itself (PRAGMA foreign_key_check).
+            connection.exec_driver_sql("PRAGMA foreign_keys = OFF")
+        try:
+            if sqlite:
+                # pysqlite would run the DDL outside any transaction; open one explicitly
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            elif connection.dialect.name == "postgresql":
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK_KEY})")
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, revision)
+            connection.commit()
+        except BaseException:
+            connection.rollback()
+            raise
+        finally:
+            if sqlite:
+                try:
+                    connection.exec_driver_sql("PRAGMA foreign_keys = ON")
+                    connection.commit()
+                except BaseException:
+                    connection.invalidate()  # never pool a connection that ignores foreign keys
+                    raise
 
 
 def current_revision(engine: Engine) -> str | None:

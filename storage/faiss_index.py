@@ -1,10 +1,20 @@
 """A FAISS cosine-similarity index over face embeddings, one per embedder version.
 
 The database is the source of truth; the index file is a cache that can always be
-rebuilt from it. ``FaceIndex.load_or_rebuild`` loads the saved index only when its
-manifest matches what the caller says the database holds (count and a checksum of the
-id set) and the index file's own checksum matches; otherwise it rebuilds from the
-``fetch_all`` callable and saves.
+rebuilt from it. Every vector carries, besides its face id, a *row id*: the id of the
+database row it was read from (the embedding row). Callers guarantee that a row's
+vector never changes and that row ids are never reused, so the set of ``(face id, row
+id)`` pairs identifies the index's contents exactly. The manifest records a checksum of
+those pairs; ``FaceIndex.load_or_rebuild`` loads the saved index only when it equals
+the checksum of the pairs the database holds now (ids only: no vector is read) and the
+index file's own checksum matches; otherwise it rebuilds from the ``fetch_all``
+callable and saves. A re-embedded face (same face id, new row) thus forces a rebuild,
+where a checksum of face ids alone would have loaded the old vector.
+
+``FaceIndex.stamp()`` is ``(count, max row id, sum of row ids)`` of the contents: the
+same figure ``storage.embedding_rows.embedding_stamp`` computes in SQL, so a caller can
+tell cheaply whether the database moved on (another process wrote) and then sync just
+the difference (``rows()``, ``add``, ``remove``).
 
 Index type: exact inner product (``IndexIDMap2(IndexFlatIP)``) over L2-normalised
 float32 vectors, i.e. cosine similarity. Exact search needs no training, supports
@@ -43,15 +53,31 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = 1
+#: 2: the manifest records ``rows_checksum`` (face id, row id pairs); older manifests
+#: cause one rebuild
+MANIFEST_FORMAT = 2
 
-FetchAll = Callable[[], tuple[np.ndarray, np.ndarray]]
+#: ``() -> (face ids, vectors, row ids)`` from the database, for a rebuild
+FetchAll = Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]
+#: ``(count, max row id, sum of row ids)``; see FaceIndex.stamp
+Stamp = tuple[int, int, int]
 
 
 def ids_checksum(ids: np.ndarray | list[int]) -> str:
-    """Order-independent sha256 of a set of ids (what the manifest records)."""
+    """Order-independent sha256 of a set of ids (the manifest's check of the file's own ids)."""
     arr = np.unique(np.asarray(ids, dtype=np.int64))
     return hashlib.sha256(arr.astype("<i8").tobytes()).hexdigest()
+
+
+def rows_checksum(ids: np.ndarray | list[int], row_ids: np.ndarray | list[int]) -> str:
+    """Order-independent sha256 of ``(face id, row id)`` pairs (face ids unique)."""
+    id_arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+    row_arr = np.asarray(row_ids, dtype=np.int64).reshape(-1)
+    if len(id_arr) != len(row_arr):
+        raise ValueError(f"{len(id_arr)} ids but {len(row_arr)} row ids")
+    order = np.argsort(id_arr, kind="stable")
+    pairs = np.stack([id_arr[order], row_arr[order]], axis=1)
+    return hashlib.sha256(pairs.astype("<i8").tobytes()).hexdigest()
 
 
 def _file_sha256(path: Path) -> str:
@@ -101,8 +127,12 @@ class FaceIndex:
         self.directory = Path(directory) if directory is not None else None
         self._lock = threading.RLock()
         self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        # the ids present, so that adding new ids skips FAISS's O(n) remove_ids scan
-        self._id_set: set[int] = set()
+        # face id -> row id (0: not known) of every vector present; also lets adding new
+        # ids skip FAISS's O(n) remove_ids scan
+        self._rows: dict[int, int] = {}
+        # running parts of stamp(); the max is recomputed only after its row went away
+        self._row_sum = 0
+        self._row_max: int | None = 0
         self._dirty = False
 
     def __repr__(self) -> str:
@@ -134,7 +164,52 @@ class FaceIndex:
 
     def __contains__(self, face_id: int) -> bool:
         with self._lock:
-            return int(face_id) in self._id_set
+            return int(face_id) in self._rows
+
+    def row_id(self, face_id: int) -> int | None:
+        """The row id ``face_id``'s vector came from (0: not known), None when absent."""
+        with self._lock:
+            return self._rows.get(int(face_id))
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(face ids, row ids)`` of every vector, by face id (int64; row id 0 = not known)."""
+        with self._lock:
+            ids = np.fromiter(self._rows.keys(), dtype=np.int64, count=len(self._rows))
+            rows = np.fromiter(self._rows.values(), dtype=np.int64, count=len(self._rows))
+        order = np.argsort(ids, kind="stable")
+        return ids[order], rows[order]
+
+    def stamp(self) -> Stamp:
+        """``(count, max row id, sum of row ids)`` of the contents (see embedding_rows.embedding_stamp)."""
+        with self._lock:
+            if self._row_max is None:
+                self._row_max = max(self._rows.values(), default=0)
+            return len(self._rows), self._row_max, self._row_sum
+
+    def _set_rows(self, face_ids: np.ndarray, row_ids: np.ndarray) -> None:
+        """Row ids for exactly the faces present (after a load); caller holds self._lock."""
+        rows = dict(zip(np.asarray(face_ids, np.int64).tolist(), np.asarray(row_ids, np.int64).tolist(), strict=True))
+        if rows.keys() != self._rows.keys():
+            raise ValueError("row ids given for other faces than the index holds")
+        self._rows = rows
+        self._row_sum = sum(rows.values())
+        self._row_max = None
+
+    def _set_row(self, face_id: int, row_id: int) -> None:
+        # caller holds self._lock
+        old = self._rows.get(face_id)
+        if old is not None:
+            self._forget_row(old)
+        self._rows[face_id] = row_id
+        self._row_sum += row_id
+        if self._row_max is not None and row_id > self._row_max:
+            self._row_max = row_id
+
+    def _forget_row(self, row_id: int) -> None:
+        # caller holds self._lock
+        self._row_sum -= row_id
+        if row_id == self._row_max and row_id:
+            self._row_max = None
 
     def _prepare(self, vectors: np.ndarray) -> np.ndarray:
         arr = np.array(vectors, dtype=np.float32, copy=True)
@@ -150,29 +225,46 @@ class FaceIndex:
         arr /= norms[:, None]
         return np.ascontiguousarray(arr)
 
-    def add(self, ids: np.ndarray | list[int], vectors: np.ndarray) -> None:
+    def add(self, ids: np.ndarray | list[int], vectors: np.ndarray, row_ids: np.ndarray | list[int] | None = None,
+            *, keep_newer: bool = False) -> int:
         """Add vectors under ``ids``, replacing any vectors already stored for those ids.
 
-        Vectors are L2-normalised here. If an id repeats within the call, the last
-        vector wins.
+        ``row_ids``: the database row each vector came from (default 0, "not known").
+        ``keep_newer``: leave a face alone when the index already holds a vector from the
+        same or a later row (row ids only grow), so applying a change twice, or after a
+        newer one, is harmless; rows with id 0 always replace. Vectors are L2-normalised
+        here. If an id repeats within the call, the last vector wins. Returns how many
+        vectors were written.
         """
         id_arr = np.asarray(ids, dtype=np.int64).reshape(-1)
         vecs = self._prepare(vectors)
         if len(id_arr) != len(vecs):
             raise ValueError(f"{len(id_arr)} ids but {len(vecs)} vectors")
+        row_arr = (np.zeros(len(id_arr), dtype=np.int64) if row_ids is None
+                   else np.asarray(row_ids, dtype=np.int64).reshape(-1))
+        if len(row_arr) != len(id_arr):
+            raise ValueError(f"{len(id_arr)} ids but {len(row_arr)} row ids")
         if len(id_arr) == 0:
-            return
+            return 0
         # keep the last occurrence of each id
         _, last_from_end = np.unique(id_arr[::-1], return_index=True)
         keep = np.sort(len(id_arr) - 1 - last_from_end)
-        id_arr, vecs = id_arr[keep], vecs[keep]
+        id_arr, vecs, row_arr = id_arr[keep], vecs[keep], row_arr[keep]
         with self._lock:
-            present = [i for i in id_arr.tolist() if i in self._id_set]
+            if keep_newer:
+                fresh = np.asarray([not (r and self._rows.get(i, -1) >= r)
+                                    for i, r in zip(id_arr.tolist(), row_arr.tolist())], dtype=bool)
+                id_arr, vecs, row_arr = id_arr[fresh], vecs[fresh], row_arr[fresh]
+                if len(id_arr) == 0:
+                    return 0
+            present = [i for i in id_arr.tolist() if i in self._rows]
             if present:  # O(len(index)) in FAISS: only pay it for real replacements
                 self._index.remove_ids(faiss.IDSelectorBatch(np.asarray(present, dtype=np.int64)))
             self._index.add_with_ids(vecs, id_arr)
-            self._id_set.update(id_arr.tolist())
+            for face_id, row_id in zip(id_arr.tolist(), row_arr.tolist()):
+                self._set_row(face_id, row_id)
             self._dirty = True
+            return len(id_arr)
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
         """Remove ``ids`` (unknown ids are ignored); returns how many were removed."""
@@ -180,11 +272,12 @@ class FaceIndex:
         if len(id_arr) == 0:
             return 0
         with self._lock:
-            present = [i for i in id_arr.tolist() if i in self._id_set]
+            present = [i for i in id_arr.tolist() if i in self._rows]
             if not present:
                 return 0
             removed = int(self._index.remove_ids(faiss.IDSelectorBatch(np.asarray(present, dtype=np.int64))))
-            self._id_set.difference_update(present)
+            for face_id in present:
+                self._forget_row(self._rows.pop(face_id))
             self._dirty = True
             return removed
 
@@ -228,6 +321,7 @@ class FaceIndex:
         index_path, manifest_path = self.paths(target, self.model_version)
         with self._lock:
             ids = self.ids()
+            face_ids, row_ids = self.rows()
             _atomic_write(index_path, lambda p: faiss.write_index(self._index, str(p)))
             manifest = {
                 "format": MANIFEST_FORMAT,
@@ -235,6 +329,7 @@ class FaceIndex:
                 "dim": self.dim,
                 "count": int(len(ids)),
                 "ids_checksum": ids_checksum(ids),
+                "rows_checksum": rows_checksum(face_ids, row_ids),
                 "index_file": index_path.name,
                 "index_sha256": _file_sha256(index_path),
                 "created": datetime.now(UTC).isoformat(),
@@ -243,6 +338,18 @@ class FaceIndex:
             self.directory = target
             self._dirty = False
         return index_path
+
+    def matches_saved(self, directory: str | os.PathLike[str] | None = None) -> bool:
+        """True when the saved manifest describes exactly these (face id, row id) pairs, e.g.
+        because another process saved the same state: then a save can be skipped."""
+        target = Path(directory) if directory is not None else self.directory
+        manifest = self.read_manifest(target, self.model_version) if target is not None else None
+        if manifest is None:
+            return False
+        face_ids, row_ids = self.rows()
+        return (manifest.get("format") == MANIFEST_FORMAT and manifest.get("model_version") == self.model_version
+                and manifest.get("dim") == self.dim and manifest.get("count") == len(face_ids)
+                and manifest.get("rows_checksum") == rows_checksum(face_ids, row_ids))
 
     @staticmethod
     def read_manifest(directory: str | os.PathLike[str], model_version: str) -> dict[str, Any] | None:
@@ -256,7 +363,15 @@ class FaceIndex:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], model_version: str, dim: int) -> FaceIndex:
-        """Load a saved index, checking manifest and file checksum; ValueError if anything is off."""
+        """Load a saved index, checking manifest and file checksum; ValueError if anything is off.
+
+        The row ids are not in the file: they come out as 0 ("not known");
+        ``load_or_rebuild`` fills them in from the database once the manifest matches it.
+        """
+        return cls._load(directory, model_version, dim)[0]
+
+    @classmethod
+    def _load(cls, directory: str | os.PathLike[str], model_version: str, dim: int) -> tuple[FaceIndex, dict[str, Any]]:
         index_path, _ = cls.paths(directory, model_version)
         manifest = cls.read_manifest(directory, model_version)
         if manifest is None:
@@ -279,22 +394,24 @@ class FaceIndex:
         index = cls(model_version, dim, directory)
         index._index = raw
         ids = index.ids()
-        index._id_set = set(ids.tolist())
+        index._rows = dict.fromkeys(ids.tolist(), 0)
         if len(ids) != manifest.get("count") or ids_checksum(ids) != manifest.get("ids_checksum"):
             raise ValueError("index contents do not match the manifest")
-        return index
+        return index, manifest
 
     @classmethod
     def build(cls, model_version: str, dim: int, ids: np.ndarray, vectors: np.ndarray,
-              directory: str | os.PathLike[str] | None = None) -> FaceIndex:
-        """A new index holding ``vectors`` under ``ids``."""
+              directory: str | os.PathLike[str] | None = None, row_ids: np.ndarray | None = None) -> FaceIndex:
+        """A new index holding ``vectors`` under ``ids`` (from rows ``row_ids``, default not known)."""
         index = cls(model_version, dim, directory)
         id_arr = np.asarray(ids, dtype=np.int64).reshape(-1)
         vecs = np.asarray(vectors, dtype=np.float32).reshape(-1, dim)
-        if len(id_arr) != len(vecs):
-            raise ValueError(f"{len(id_arr)} ids but {len(vecs)} vectors")
+        rows = np.zeros(len(id_arr), np.int64) if row_ids is None else np.asarray(row_ids, np.int64).reshape(-1)
+        if len(id_arr) != len(vecs) or len(id_arr) != len(rows):
+            raise ValueError(f"{len(id_arr)} ids but {len(vecs)} vectors and {len(rows)} row ids")
         for start in range(0, len(vecs), 100_000):  # bounded temp memory for normalising
-            index.add(id_arr[start : start + 100_000], vecs[start : start + 100_000])
+            stop = start + 100_000
+            index.add(id_arr[start:stop], vecs[start:stop], rows[start:stop])
         return index
 
     @classmethod
@@ -305,33 +422,33 @@ class FaceIndex:
         dim: int,
         fetch_all: FetchAll,
         *,
-        expected_count: int | None = None,
-        expected_checksum: str | None = None,
+        face_ids: np.ndarray,
+        row_ids: np.ndarray,
     ) -> FaceIndex:
-        """Load the saved index if it matches the database, else rebuild from ``fetch_all``.
+        """Load the saved index if it holds exactly the database's vectors, else rebuild.
 
-        ``expected_count`` / ``expected_checksum`` describe the database's current id set
-        for this model version (``ids_checksum(ids)``); pass at least one. ``fetch_all``
-        returns ``(ids, vectors)`` from the database and is called only on rebuild. The
-        rebuilt index is saved before it is returned.
+        ``face_ids`` / ``row_ids`` are the database's current ``(face id, row id)`` pairs
+        for this model version (``storage.embedding_rows.embedding_rows``): the saved
+        index is used only when its manifest's ``rows_checksum`` is theirs. ``fetch_all``
+        returns ``(face ids, vectors, row ids)`` from the database and is called only on
+        rebuild. The rebuilt index is saved before it is returned.
         """
-        if expected_count is None and expected_checksum is None:
-            raise ValueError("pass expected_count and/or expected_checksum from the database")
         reason: str
         try:
-            index = cls.load(directory, model_version, dim)
+            index, manifest = cls._load(directory, model_version, dim)
         except ValueError as exc:
             reason = str(exc)
         else:
-            manifest = cls.read_manifest(directory, model_version) or {}
-            if expected_count is not None and manifest.get("count") != expected_count:
-                reason = f"database has {expected_count} vectors, index {manifest.get('count')}"
-            elif expected_checksum is not None and manifest.get("ids_checksum") != expected_checksum:
-                reason = "the database's face ids differ from the index's"
+            if manifest.get("count") != len(face_ids):
+                reason = f"database has {len(face_ids)} vectors, index {manifest.get('count')}"
+            elif manifest.get("rows_checksum") != rows_checksum(face_ids, row_ids):
+                reason = "the database's embedding rows differ from the index's (added, deleted or re-embedded faces)"
             else:
+                with index._lock:
+                    index._set_rows(face_ids, row_ids)
                 return index
         log.info("rebuilding face index %s from the database: %s", model_version, reason)
-        ids, vectors = fetch_all()
-        index = cls.build(model_version, dim, ids, vectors, directory)
+        ids, vectors, rows = fetch_all()
+        index = cls.build(model_version, dim, ids, vectors, directory, rows)
         index.save()
         return index

@@ -59,6 +59,12 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+#: ``__table_args__`` entry of every table with an integer surrogate id: on SQLite the id
+#: becomes AUTOINCREMENT, so a deleted row's id is never handed to a later row (audit
+#: entries, label history, exports and the search index's manifest name rows by id).
+#: PostgreSQL's sequences never reuse a number anyway. Migration 0004 rebuilt the tables.
+AUTOINCREMENT: dict[str, Any] = {"sqlite_autoincrement": True}
+
 #: bytes per stored vector component: little-endian float32
 VECTOR_DTYPE = np.dtype("<f4")
 
@@ -165,6 +171,7 @@ class Image(Base):
     __table_args__ = (
         CheckConstraint("width > 0 AND height > 0", name="positive_size"),
         CheckConstraint("size_bytes >= 0", name="size_bytes_nonneg"),
+        AUTOINCREMENT,
     )
 
     def __repr__(self) -> str:
@@ -183,7 +190,7 @@ class Identity(Base):
 
     faces: Mapped[list[Face]] = relationship(back_populates="identity", passive_deletes=True)
 
-    __table_args__ = (CheckConstraint("length(trim(name)) > 0", name="name_not_blank"),)
+    __table_args__ = (CheckConstraint("length(trim(name)) > 0", name="name_not_blank"), AUTOINCREMENT)
 
     def __repr__(self) -> str:
         return f"Identity(id={self.id}, name={self.name!r})"
@@ -228,7 +235,7 @@ class Face(Base):
     )
 
     __mapper_args__ = {"version_id_col": version}
-    __table_args__ = (CheckConstraint("x2 > x1 AND y2 > y1", name="box_not_empty"),)
+    __table_args__ = (CheckConstraint("x2 > x1 AND y2 > y1", name="box_not_empty"), AUTOINCREMENT)
 
     @property
     def box(self) -> tuple[float, float, float, float]:
@@ -270,6 +277,7 @@ class Embedding(Base):
     __table_args__ = (
         UniqueConstraint("face_id", "model_version"),
         CheckConstraint("dim > 0", name="dim_positive"),
+        AUTOINCREMENT,
     )
 
     @staticmethod
@@ -326,6 +334,7 @@ class ModelVersion(Base):
             sqlite_where=text("active"),
             postgresql_where=text("active"),
         ),
+        AUTOINCREMENT,
     )
 
     def __repr__(self) -> str:
@@ -345,7 +354,7 @@ class AuditLog(Base):
     target_id: Mapped[int | None] = mapped_column(Integer, default=None)
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
-    __table_args__ = (Index("ix_audit_log_target", "target_type", "target_id"),)
+    __table_args__ = (Index("ix_audit_log_target", "target_type", "target_id"), AUTOINCREMENT)
 
     def __repr__(self) -> str:
         return f"AuditLog({self.at:%Y-%m-%d %H:%M:%S} {self.user} {self.action} {self.target_type}:{self.target_id})"
@@ -425,6 +434,7 @@ class LabelRevision(Base):
     __table_args__ = (
         UniqueConstraint("image_id", "revision"),
         CheckConstraint("revision > 0", name="revision_positive"),
+        AUTOINCREMENT,
     )
 
     def __repr__(self) -> str:
@@ -456,7 +466,7 @@ class User(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    __table_args__ = (CheckConstraint("length(name) > 0", name="name_not_blank"),)
+    __table_args__ = (CheckConstraint("length(name) > 0", name="name_not_blank"), AUTOINCREMENT)
 
     def __repr__(self) -> str:
         return f"User(id={self.id}, name={self.name!r}, {self.role}, active={self.active})"

@@ -218,14 +218,10 @@ def test_a_deleted_face_cannot_be_enrolled_by_a_late_request(lab: Lab) -> None:
         assert s.scalar(select(func.count(Identity.id)).where(Identity.name == "Late Person")) == 0
 
 
-def test_ids_are_never_reused(lab: Lab, request: pytest.FixtureRequest) -> None:
+def test_ids_are_never_reused(lab: Lab) -> None:
     """A deleted face's id must not come back for another face: audit entries, label
-    history and index files name faces by id. SQLite reuses the largest rowid unless the
-    table is AUTOINCREMENT; PostgreSQL's sequences never reuse."""
-    if lab.engine.dialect.name == "sqlite":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "faces/images/identities/embeddings are not AUTOINCREMENT on SQLite: the newest "
-            "row's id is reused after it is deleted (needs a migration; reported)")))
+    history and index files name faces by id. SQLite would reuse the largest rowid, but
+    the tables are AUTOINCREMENT (migration 0004); PostgreSQL's sequences never reuse."""
     (first,) = ingest(lab, [Upload("reuse-1.jpg", data=_photo(600))]).files
     identities.enroll(lab, first.faces[0].face_id, "Reuse Probe")
     identities.delete_person(lab, "Reuse Probe", delete_faces=True)

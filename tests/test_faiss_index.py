@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.embedding_rows import embedding_face_ids, fetch_embeddings
-from storage.faiss_index import FaceIndex, ids_checksum
+from storage.embedding_rows import embedding_rows, embedding_stamp, fetch_embedding_rows
+from storage.faiss_index import MANIFEST_FORMAT, FaceIndex, ids_checksum, rows_checksum
 from storage.orm import Embedding, Face, Image
 
 DIM = 16
@@ -26,24 +26,30 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
 
+def rows_of(ids: np.ndarray) -> np.ndarray:
+    """Row ids standing in for the embedding rows the vectors came from."""
+    return np.asarray(ids, dtype=np.int64) + 10_000
+
+
 @pytest.fixture
 def filled(rng) -> tuple[FaceIndex, np.ndarray, np.ndarray]:
     ids = np.arange(100, 400, dtype=np.int64)
     vecs = unit(rng, len(ids))
     index = FaceIndex("dlib-v1", DIM)
-    index.add(ids, vecs)
+    index.add(ids, vecs, rows_of(ids))
     return index, ids, vecs
 
 
 class Fetcher:
     """A fetch_all callable that counts its calls."""
 
-    def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray, rows: np.ndarray | None = None) -> None:
         self.ids, self.vectors, self.calls = ids, vectors, 0
+        self.rows = rows_of(ids) if rows is None else rows
 
-    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         self.calls += 1
-        return self.ids, self.vectors
+        return self.ids, self.vectors, self.rows
 
 
 # -- in memory ----------------------------------------------------------------------------------
@@ -155,10 +161,12 @@ def test_save_and_load(filled, tmp_path: Path) -> None:
     manifest = json.loads(manifest_path.read_text())
     assert manifest["model_version"] == "dlib-v1" and manifest["dim"] == DIM
     assert manifest["count"] == len(ids) and manifest["ids_checksum"] == ids_checksum(ids)
+    assert manifest["format"] == MANIFEST_FORMAT == 2 and manifest["rows_checksum"] == rows_checksum(ids, rows_of(ids))
     loaded = FaceIndex.load(tmp_path, "dlib-v1", DIM)
     assert len(loaded) == len(ids) and not loaded.dirty
     np.testing.assert_array_equal(loaded.search(vecs[:4], 5)[1], index.search(vecs[:4], 5)[1])
     assert ids[5] in loaded  # the id set survives the round trip (replacements stay cheap)
+    assert loaded.row_id(ids[5]) == 0  # row ids are not in the file: load_or_rebuild takes them from the database
 
 
 def test_model_versions_get_separate_files(tmp_path: Path) -> None:
@@ -172,6 +180,41 @@ def test_ids_checksum_ignores_order_and_repeats() -> None:
     assert ids_checksum([1, 2, 3]) != ids_checksum([1, 2, 4])
 
 
+def test_rows_checksum_ignores_order_and_sees_a_new_row_for_the_same_face() -> None:
+    assert rows_checksum([3, 1, 2], [30, 10, 20]) == rows_checksum([1, 2, 3], [10, 20, 30])
+    assert rows_checksum([1, 2, 3], [10, 20, 30]) != rows_checksum([1, 2, 3], [10, 20, 31])  # face 3 re-embedded
+    assert rows_checksum([1, 2, 3], [10, 20, 30]) != rows_checksum([1, 2, 3], [20, 10, 30])  # pairs, not two sets
+    with pytest.raises(ValueError):
+        rows_checksum([1, 2], [10])
+
+
+def test_stamp_follows_adds_replacements_and_removals(rng) -> None:
+    index = FaceIndex("v", DIM)
+    assert index.stamp() == (0, 0, 0)
+    index.add([1, 2, 3], unit(rng, 3), [11, 12, 13])
+    assert index.stamp() == (3, 13, 36)
+    index.add([2], unit(rng, 1), [14])  # face 2 re-embedded: new row
+    assert index.stamp() == (3, 14, 11 + 13 + 14) and index.row_id(2) == 14
+    index.remove([2])  # the newest row goes: the max is found again
+    assert index.stamp() == (2, 13, 24)
+    ids, rows = index.rows()
+    assert ids.tolist() == [1, 3] and rows.tolist() == [11, 13]
+
+
+def test_keep_newer_skips_rows_the_index_already_holds_or_that_were_replaced(rng) -> None:
+    index = FaceIndex("v", DIM)
+    old, new = unit(rng, 2)
+    index.add([7], new[None], [20])
+    # the same change applied twice, and an older row arriving late, are both no-ops
+    assert index.add([7], new[None], [20], keep_newer=True) == 0
+    assert index.add([7], old[None], [15], keep_newer=True) == 0
+    np.testing.assert_allclose(index.reconstruct(7), new, atol=1e-6)
+    # a newer row replaces; without keep_newer the caller's row always wins
+    assert index.add([7, 8], unit(rng, 2), [25, 26], keep_newer=True) == 2 and index.row_id(7) == 25
+    assert index.add([7], old[None], [15]) == 1 and index.row_id(7) == 15
+    assert index.stamp() == (2, 26, 15 + 26)
+
+
 @pytest.fixture
 def saved(filled, tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     index, ids, vecs = filled
@@ -179,10 +222,8 @@ def saved(filled, tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     return tmp_path, ids, vecs
 
 
-def _load_or_rebuild(directory: Path, fetch: Fetcher, **expect) -> FaceIndex:
-    expect.setdefault("expected_count", len(fetch.ids))
-    expect.setdefault("expected_checksum", ids_checksum(fetch.ids))
-    return FaceIndex.load_or_rebuild(directory, "dlib-v1", DIM, fetch, **expect)
+def _load_or_rebuild(directory: Path, fetch: Fetcher) -> FaceIndex:
+    return FaceIndex.load_or_rebuild(directory, "dlib-v1", DIM, fetch, face_ids=fetch.ids, row_ids=fetch.rows)
 
 
 def test_load_or_rebuild_loads_a_matching_index(saved) -> None:
@@ -190,6 +231,10 @@ def test_load_or_rebuild_loads_a_matching_index(saved) -> None:
     fetch = Fetcher(ids, vecs)
     index = _load_or_rebuild(directory, fetch)
     assert fetch.calls == 0 and len(index) == len(ids)
+    got_ids, got_rows = index.rows()  # row ids come from the database's pairs
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_rows, rows_of(ids))
+    assert index.stamp() == (len(ids), int(rows_of(ids).max()), int(rows_of(ids).sum()))
 
 
 def _damage(kind: str, directory: Path) -> None:
@@ -210,13 +255,19 @@ def _damage(kind: str, directory: Path) -> None:
         manifest = json.loads(manifest_path.read_text())
         manifest["dim"] = DIM * 2
         manifest_path.write_text(json.dumps(manifest))
+    elif kind == "manifest format 1":  # written by a FaceLab that checked only the face id set
+        manifest = json.loads(manifest_path.read_text())
+        manifest["format"] = 1
+        del manifest["rows_checksum"]
+        manifest_path.write_text(json.dumps(manifest))
     else:
         raise AssertionError(kind)
 
 
 @pytest.mark.parametrize(
     "kind",
-    ["index deleted", "index corrupted", "index truncated", "manifest deleted", "manifest garbage", "manifest other dim"],
+    ["index deleted", "index corrupted", "index truncated", "manifest deleted", "manifest garbage", "manifest other dim",
+     "manifest format 1"],
 )
 def test_load_or_rebuild_rebuilds_damaged_files(saved, kind: str) -> None:
     directory, ids, vecs = saved
@@ -243,12 +294,16 @@ def test_load_or_rebuild_follows_the_database(saved, rng) -> None:
     fetch2 = Fetcher(db_ids2, db_vecs)
     index2 = _load_or_rebuild(directory, fetch2)
     assert fetch2.calls == 1 and 6000 in index2 and ids[0] not in index2
-    # count alone is accepted when that is all the caller has
-    fetch3 = Fetcher(db_ids2, db_vecs)
-    assert len(_load_or_rebuild(directory, fetch3, expected_checksum=None)) == len(db_ids2)
-    assert fetch3.calls == 0
-    with pytest.raises(ValueError):
-        FaceIndex.load_or_rebuild(directory, "dlib-v1", DIM, fetch3)
+    # same face ids, one face re-embedded (a moved box: new vector, new row id): the
+    # manifest's (face id, row id) pairs tell, and the new vector is served
+    db_vecs3, db_rows3 = db_vecs.copy(), rows_of(db_ids2)
+    db_vecs3[1], db_rows3[1] = unit(rng, 1)[0], 99_999
+    fetch3 = Fetcher(db_ids2, db_vecs3, db_rows3)
+    index3 = _load_or_rebuild(directory, fetch3)
+    assert fetch3.calls == 1 and index3.row_id(db_ids2[1]) == 99_999
+    np.testing.assert_allclose(index3.reconstruct(db_ids2[1]), db_vecs3[1], atol=1e-6)
+    again = Fetcher(db_ids2, db_vecs3, db_rows3)
+    assert len(_load_or_rebuild(directory, again)) == len(db_ids2) and again.calls == 0
 
 
 def test_index_built_from_the_database(db_sessions, tmp_data_dir: Path, rng) -> None:
@@ -264,10 +319,16 @@ def test_index_built_from_the_database(db_sessions, tmp_data_dir: Path, rng) -> 
         face_ids = [f.id for f in faces]
     index_dir = tmp_data_dir / "index"
     with db_sessions() as s:
-        db_ids = embedding_face_ids(s, "dlib-v1")
+        db_ids, db_rows = embedding_rows(s, "dlib-v1")
         index = FaceIndex.load_or_rebuild(
-            index_dir, "dlib-v1", DIM, lambda: fetch_embeddings(s, "dlib-v1", DIM),
-            expected_count=len(db_ids), expected_checksum=ids_checksum(db_ids),
+            index_dir, "dlib-v1", DIM, lambda: fetch_embedding_rows(s, "dlib-v1", DIM),
+            face_ids=db_ids, row_ids=db_rows,
         )
+        assert embedding_stamp(s, "dlib-v1") == index.stamp()  # SQL and index agree on the stamp
+        assert embedding_stamp(s, "other") == (0, 0, 0)
+        # only the rows asked for, by face id
+        some = fetch_embedding_rows(s, "dlib-v1", DIM, [int(db_rows[4]), int(db_rows[1]), 10**9])
     assert sorted(index.ids().tolist()) == face_ids
     assert index.search(vecs[4], 1)[1][0] == face_ids[4]
+    assert some[0].tolist() == [face_ids[1], face_ids[4]] and some[2].tolist() == [db_rows[1], db_rows[4]]
+    np.testing.assert_allclose(some[1][1], vecs[4], atol=1e-6)

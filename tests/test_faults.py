@@ -31,6 +31,8 @@ from pipeline.consistency import check
 from pipeline.context import Lab
 from pipeline.ingest import Upload, ingest
 from pipeline.settings import Settings
+from storage.embedding_rows import fetch_embeddings
+from storage.faiss_index import FaceIndex
 from storage.orm import Face, Identity, Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,11 +248,25 @@ def test_crash_after_enroll_commit_keeps_the_label(library: Library) -> None:
 def test_crash_in_a_label_save_leaves_no_stale_vector(library: Library) -> None:
     with library.open() as lab, lab.sessions() as s:
         image_id = s.scalars(select(Image.id).where(Image.original_name == "base-0.png")).one()
+        (face_id,) = s.scalars(select(Face.id).where(Face.image_id == image_id)).all()
     rc, _ = _run(library, {"op": "move_box", "image_id": image_id, "harness": "index_save_start"})
     assert rc == -signal.SIGKILL
-    # the moved box keeps its face id: the saved index's id set still matches the
-    # database (so loading it succeeds), but its vector for that face is the old one
-    _repair_and_verify(library, "outdated vectors")
+    with library.open() as lab:
+        # the moved box keeps its face id, so the saved index has the database's face ids
+        # but the old vector for that face
+        assert any("outdated vectors" in p for p in check(lab).problems)
+        stale = FaceIndex.load(lab.settings.index_dir, lab.model_version, lab.embedder.dim).reconstruct(face_id)
+        with lab.sessions() as s:
+            ids, vectors = fetch_embeddings(s, lab.model_version, lab.embedder.dim)
+        new = vectors[ids == face_id][0] / np.linalg.norm(vectors[ids == face_id][0])
+        assert float(stale @ new) < 0.9999
+        # the manifest names (face id, embedding row) pairs: the moved box's new row makes
+        # the reopened Lab rebuild instead of serving the old vector
+        np.testing.assert_allclose(lab.index().reconstruct(face_id), new, atol=1e-5)
+        scores, hits = lab.index().search(new, 1)
+        assert hits[0] == face_id and scores[0] > 0.9999
+        after = check(lab)  # the rebuilt index was saved
+        assert after.ok, after.lines()
 
 
 def test_crash_after_deleting_a_person(library: Library, tmp_path: Path) -> None:
