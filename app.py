@@ -125,6 +125,9 @@ def _open_lab(settings):  # noqa: ANN001, ANN202 - lazy imports keep --help fast
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
+    # Gradio's uploads and served pictures are faces too: keep them in the data folder,
+    # where privacy deletes look (pipeline.privacy). Gradio reads this when it is imported.
+    os.environ["GRADIO_TEMP_DIR"] = str(settings.ui_cache_dir.resolve())
     from pipeline.context import Lab
 
     if args.command == "ingest":

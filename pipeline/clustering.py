@@ -33,6 +33,7 @@ from pipeline import identities
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest, NotFound
 from pipeline.results import PersonSummary
+from pipeline.served import picture_file
 from storage.orm import Face, Identity, ReviewStatus, record_audit, utcnow
 
 DEFAULT_MIN_FACES = 3
@@ -250,8 +251,9 @@ def remove_group_from_person(lab: Lab, face_ids: Sequence[int], user: str = "loc
     return f"Removed the name from {len(named)} face(s); they are unknown faces again."
 
 
-def cluster_thumbnails(lab: Lab, face_ids: Sequence[int], limit: int = 24, size: int = 112) -> list[tuple[np.ndarray, str]]:
-    """Face crops of the first ``limit`` faces, captioned with their ids (and names)."""
+def cluster_thumbnails(lab: Lab, face_ids: Sequence[int], limit: int = 24, size: int = 112) -> list[tuple[str, str]]:
+    """Face crops of the first ``limit`` faces (files named after their photo, see
+    pipeline.served), captioned with their ids (and names)."""
     out = []
     with lab.sessions() as session:
         for face_id in list(face_ids)[:limit]:
@@ -259,5 +261,6 @@ def cluster_thumbnails(lab: Lab, face_ids: Sequence[int], limit: int = 24, size:
             if face is None:
                 continue
             caption = f"#{face_id}" + (f" {face.identity.name}" if face.identity_id is not None else "")
-            out.append((lab.images.thumbnail(face.image.sha256, face.box, size=size, margin=0.2), caption))
+            sha = face.image.sha256
+            out.append((picture_file(lab, lab.images.thumbnail(sha, face.box, size=size, margin=0.2), sha), caption))
     return out

@@ -10,8 +10,11 @@ A privacy delete has to go further; these functions do all of it in one go:
   back) and older audit entries lose the deleted faces and every name the person had
   (renames and merges included): boxes are dropped, names become ``"[deleted]"``;
 * photos that no longer show anyone (``forget_person(delete_photos=True)``) and photos
-  deleted with ``delete_image`` lose their row, their stored file and any cached copy
-  in a folder registered with ``register_cache_dir`` (the UI's served copies);
+  deleted with ``delete_image`` lose their row and their stored file;
+* pictures made from every photo the person was on (served face crops, the label
+  editor's copies; see ``pipeline.served``), in ``Settings.ui_cache_dir`` and any folder
+  registered with ``register_cache_dir``, are deleted, kept photos included (the UI makes
+  them again from the photo when they are needed);
 * on SQLite the database file is rewritten (``VACUUM``) and the write-ahead log
   truncated, so deleted rows do not linger in free pages; on PostgreSQL deleted rows
   stay in dead tuples until autovacuum reuses them (``compact=True`` runs
@@ -120,6 +123,7 @@ def forget_person(lab: Lab, name: str, user: str = "local", delete_photos: bool 
                 faces = session.scalars(select(Face).where(Face.identity_id == pid)).all()
                 face_ids = {f.id for f in faces}
                 image_ids = {f.image_id for f in faces}
+                touched = set(session.scalars(select(Image.sha256).where(Image.id.in_(image_ids))).all())
                 names = {person.name} | _former_names(session, pid)
                 _secure_delete(session)
                 scrubbed = _scrub_history(session, face_ids, {pid}, names)
@@ -143,7 +147,7 @@ def forget_person(lab: Lab, name: str, user: str = "local", delete_photos: bool 
         except StaleDataError as exc:
             raise Conflict("Someone else changed one of this person's faces just now; try again.") from exc
         fault_point("forget_person_after_commit")
-        _after_commit(lab, sorted(face_ids), [sha for _, sha in doomed])
+        _after_commit(lab, sorted(face_ids), [sha for _, sha in doomed], touched)
     _compact(lab, compact, ("identities", "images", "faces", "embeddings", "label_revisions", "audit_log"))
     message = f"Deleted the person, {len(face_ids)} face(s) and their history"
     if delete_photos:
@@ -155,7 +159,9 @@ def forget_person(lab: Lab, name: str, user: str = "local", delete_photos: bool 
 
 
 # -- after the commit: indexes, files, caches ------------------------------------------------
-def _after_commit(lab: Lab, face_ids: list[int], shas: list[str]) -> None:
+def _after_commit(lab: Lab, face_ids: list[int], shas: list[str], touched: set[str] = frozenset()) -> None:
+    """After the database commit: index entries, stored files of deleted photos, and every
+    picture made from a deleted or ``touched`` photo."""
     if face_ids:
         with lab.index_for_update() as index:
             index.remove(np.asarray(face_ids, dtype=np.int64))
@@ -166,7 +172,8 @@ def _after_commit(lab: Lab, face_ids: list[int], shas: list[str]) -> None:
             in_use = session.scalar(select(Image.id).where(Image.sha256 == sha)) is not None
         if not in_use:
             lab.images.delete(sha)
-            purge_cached_copies(sha)
+    for sha in set(shas) | set(touched):
+        purge_cached_copies(sha, lab.settings.ui_cache_dir)
 
 
 def drop_other_version_indexes(lab: Lab) -> list[str]:
@@ -195,12 +202,19 @@ def drop_other_version_indexes(lab: Lab) -> list[str]:
     return dropped
 
 
-def purge_cached_copies(sha: str) -> int:
-    removed = 0
+def purge_cached_copies(sha: str, ui_cache_dir: Path | None = None) -> int:
+    """Delete the files named ``<sha>*`` in the registered folders and anywhere under
+    ``ui_cache_dir`` (Gradio's own copies sit one folder down, ``<hash>/<name>``)."""
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ValueError(f"not a sha256: {sha!r}")  # never a glob pattern from elsewhere
     with _cache_lock:
         folders = list(_cache_dirs)
-    for folder in folders:
-        for path in folder.glob(f"{sha}*"):
+    paths = [p for folder in folders for p in folder.glob(f"{sha}*")]
+    if ui_cache_dir is not None and Path(ui_cache_dir).is_dir():
+        paths += Path(ui_cache_dir).rglob(f"{sha}*")
+    removed = 0
+    for path in set(paths):
+        if path.is_file():
             path.unlink(missing_ok=True)
             removed += 1
     return removed

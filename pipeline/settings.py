@@ -68,6 +68,14 @@ class Settings:
     def index_dir(self) -> Path:
         return self.data_dir / "index"
 
+    @property
+    def ui_cache_dir(self) -> Path:
+        """The web UI's temporary files (Gradio's GRADIO_TEMP_DIR): uploads, and the face
+        crops and photos it serves. Inside the data folder because they are personal data
+        like the rest: a privacy delete searches it, and removing the data folder removes
+        them."""
+        return self.data_dir / "ui-cache"
+
     def with_overrides(self, **changes: object) -> "Settings":
         """A copy with the given fields changed; None values are ignored."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

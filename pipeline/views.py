@@ -22,8 +22,10 @@ from pipeline.errors import InvalidRequest
 from pipeline.ingest import Upload, ingest
 from pipeline.results import FaceInfo, IngestReport, SearchResult
 from pipeline.search import search_image
+from pipeline.served import picture_file
 
-Caption = tuple[np.ndarray, str]
+#: (file to show, caption): pictures are files named after their photo (see pipeline.served)
+Caption = tuple[str, str]
 DISPLAY_MAX_SIDE = 1280
 CROP_SIZE = 112
 MATCH_COLOUR = (46, 160, 67)
@@ -126,7 +128,7 @@ def detect(lab: Lab, files: Sequence[str | Path], progress: Callable[[float, str
             continue
         image = lab.images.open(result.sha256)
         drawn = draw_faces(image, [(f.box, _face_label(f), f.identity is not None) for f in result.faces])
-        annotated.append((drawn, f"{result.name}: {len(result.faces)} face(s)"))
+        annotated.append((picture_file(lab, drawn, result.sha256), f"{result.name}: {len(result.faces)} face(s)"))
         for face in result.faces:
             s = face.suggestion
             caption = f"#{face.face_id} · {face.score:.2f}"
@@ -134,7 +136,7 @@ def detect(lab: Lab, files: Sequence[str | Path], progress: Callable[[float, str
                 caption += f" · {face.identity}"
             elif s is not None:
                 caption += f" · {'' if s.is_match else 'not '}{s.name}? {s.similarity:.2f}"
-            crops.append((face_crop(image, face.box), caption))
+            crops.append((picture_file(lab, face_crop(image, face.box), result.sha256), caption))
             face_ids.append(face.face_id)
             rows.append([
                 face.face_id, result.name, round(face.score, 3), face.identity or "",
@@ -144,6 +146,20 @@ def detect(lab: Lab, files: Sequence[str | Path], progress: Callable[[float, str
     lines += [f"- **{md(r.name)}**: {md(r.error)}" for r in report.files if r.error]
     lines += [f"- {md(r.name)}: {md(r.note)}" for r in report.files if r.ok and r.note]
     return DetectView(report, annotated, crops, rows, face_ids, "\n".join(lines))
+
+
+def forget_uploads(lab: Lab, files: Sequence[str | Path]) -> int:
+    """Delete the UI's temporary copies of uploaded photos once ingest has stored them (or
+    refused them): otherwise a photo would outlive a privacy delete in the upload folder.
+    Only files inside ``Settings.ui_cache_dir`` are touched."""
+    root = lab.settings.ui_cache_dir.resolve()
+    removed = 0
+    for name in files:
+        path = Path(name).resolve()
+        if path.is_relative_to(root) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def enroll(lab: Lab, face_id: float | int | None, name: str, user: str = "local") -> str:
@@ -161,13 +177,15 @@ def search(lab: Lab, path: str | Path | None, k: int, threshold: float | None) -
     result = search_image(lab, file.read_bytes(), file.name, k=k, threshold=threshold)
     gallery: list[Caption] = []
     rows: list[list[object]] = []
-    cache: dict[int, np.ndarray] = {}
+    cache: dict[int, tuple[str, np.ndarray]] = {}
     query = result.faces[0]  # the detector's most confident face
     for rank, match in enumerate(query.matches, start=1):
         if match.image_id not in cache:
-            cache[match.image_id] = lab.images.open(lab_image_sha(lab, match.image_id))
+            sha = lab_image_sha(lab, match.image_id)
+            cache[match.image_id] = sha, lab.images.open(sha)
+        sha, image = cache[match.image_id]
         name = match.name or "unknown"
-        gallery.append((face_crop(cache[match.image_id], match.box), f"{rank}. {name} · {match.similarity:.3f}"))
+        gallery.append((picture_file(lab, face_crop(image, match.box), sha), f"{rank}. {name} · {match.similarity:.3f}"))
         rows.append([rank, name, round(match.similarity, 4), "yes" if match.is_match else "no", match.face_id, match.image_id])
     best = query.people[0] if query.people else None
     if best is None:
@@ -205,8 +223,9 @@ def people(lab: Lab) -> PeopleView:
             face = session.get(Face, person.cover_face_id)
             if face is None:
                 continue
-            image = lab.images.open(face.image.sha256)
-            gallery.append((face_crop(image, face.box), f"{person.name} ({person.face_count})"))
+            sha = face.image.sha256
+            gallery.append((picture_file(lab, face_crop(lab.images.open(sha), face.box), sha),
+                            f"{person.name} ({person.face_count})"))
     rows = [[p.identity_id, p.name, p.face_count] for p in everyone]
     return PeopleView(gallery, rows, f"{len(everyone)} people enrolled.")
 

@@ -15,9 +15,14 @@ from tests.conftest import start_app
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[str]:
+def app_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("appdata")
+
+
+@pytest.fixture(scope="module")
+def app_url(app_data: Path, database_url: str) -> Iterator[str]:
     extra = ["--database-url", database_url] if database_url else []
-    with start_app(tmp_path_factory.mktemp("appdata"), args=extra) as url:
+    with start_app(app_data, args=extra) as url:
         yield url
 
 
@@ -35,7 +40,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"astronaut": folder / "astronaut.png", "query": folder / "query.jpg", "text": folder / "notes.txt"}
 
 
-def test_upload_enroll_search_through_named_endpoints(app_url: str, photos: dict[str, Path]) -> None:
+def test_upload_enroll_search_through_named_endpoints(app_url: str, app_data: Path, photos: dict[str, Path]) -> None:
     client = Client(app_url, verbose=False)
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert {"/detect", "/enroll", "/search", "/list_people", "/rename_person", "/merge_people", "/delete_person"} <= set(endpoints)
@@ -46,6 +51,12 @@ def test_upload_enroll_search_through_named_endpoints(app_url: str, photos: dict
     assert "1 face(s) found" in message and "1 file(s) refused" in message
     assert len(annotated) == 1 and len(crops) == 1
     face_id = table["data"][0][0]
+    # Gradio's temporary files live in the data folder; the uploads are gone once stored,
+    # and the pictures served are named after the stored photo (privacy deletes find them)
+    ui_cache = app_data / "ui-cache"
+    assert not [p for p in ui_cache.rglob("*") if p.name in ("astronaut.png", "notes.txt")]
+    served = sorted((ui_cache / "facelab-served").glob("*.webp"))
+    assert len(served) == 2 and len({p.name[:64] for p in served}) == 1  # photo with boxes + one crop
 
     enrolled = client.predict(face_id, "Eileen Collins", api_name="/enroll")
     assert "Eileen Collins" in enrolled

@@ -16,7 +16,7 @@ from PIL import PngImagePlugin
 from skimage import data as skdata
 from sqlalchemy import func, select
 
-from pipeline import identities, labeling, privacy
+from pipeline import clustering, identities, labeling, privacy, views
 from pipeline.consistency import check
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest, NotFound
@@ -173,6 +173,13 @@ def test_forget_person_removes_every_trace(lab: Lab, tmp_path: Path) -> None:
     (cache / f"{sha1}.png").write_bytes(b"copy")
     (cache / f"{group_sha}.png").write_bytes(b"copy")
     privacy.register_cache_dir(cache)
+    # pictures the UI served: crops of every face (pipeline.served) and a copy Gradio made
+    served = [Path(path) for path, _ in clustering.cluster_thumbnails(lab, [*zelda_faces, keeper_face])]
+    served += [Path(path) for path, _ in views.people(lab).gallery]
+    assert {p.name[:64] for p in served} == {sha1, sha2, group_sha} and all(p.is_file() for p in served)
+    gradio_copy = lab.settings.ui_cache_dir / "3f2a9c" / f"{group_sha}-0123456789abcdef.webp"
+    gradio_copy.parent.mkdir(parents=True)
+    gradio_copy.write_bytes(b"copy")
     assert NAME in _all_text(lab) and ALIAS in _all_text(lab)
 
     report = privacy.forget_person(lab, NAME.lower(), user="boss", delete_photos=True)
@@ -192,7 +199,11 @@ def test_forget_person_removes_every_trace(lab: Lab, tmp_path: Path) -> None:
     assert not any(int(i) in lab.index() for i in zelda_faces) and keeper_face in lab.index()
     assert not FaceIndex.paths(lab.settings.index_dir, OTHER_VERSION)[0].exists()
     assert not lab.images.exists(sha1) and not lab.images.exists(sha2) and lab.images.exists(group_sha)
-    assert not (cache / f"{sha1}.png").exists() and (cache / f"{group_sha}.png").exists()
+    # every picture made from a photo she was on is gone, the kept group photo's included
+    # (the UI makes them again from the photo when someone looks at it)
+    assert not (cache / f"{sha1}.png").exists() and not (cache / f"{group_sha}.png").exists()
+    for sha in (sha1, sha2, group_sha):
+        assert list(lab.settings.ui_cache_dir.rglob(f"{sha}*")) == [], sha
     # undo in the Label tab cannot bring the deleted face back
     labeling.undo_last_save(lab, group, user="lena")
     with lab.sessions() as s:

@@ -33,7 +33,9 @@ def _user_error(exc: FaceLabError) -> gr.Error:
 
 def build_ui(lab: Lab) -> gr.Blocks:
     gradio_cache.install()  # concurrent identical image outputs must not serve a half-written file
-    with gr.Blocks(title="FaceLab", analytics_enabled=False) as demo:
+    # delete_cache: Gradio's uploads and outputs older than a day go, checked hourly
+    # (search photos are never stored; pictures of stored photos are made again on demand)
+    with gr.Blocks(title="FaceLab", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(INTRO)
         gr.Markdown(views.status_line(lab), elem_id="status-line")
         with gr.Tab("Detect", id="detect"):
@@ -88,11 +90,12 @@ def _detect_tab(lab: Lab) -> None:
             view = views.detect(lab, files or [], progress=lambda f, text: progress(f, desc=text))
         except FaceLabError as exc:
             raise _user_error(exc) from exc
+        views.forget_uploads(lab, files or [])  # stored now (or refused): no second copy lying around
         return view.annotated, view.crops, view.rows, view.message, view.face_ids
 
     detect_button.click(
         on_detect, inputs=[uploads], outputs=[annotated, crops, table, message, face_ids], api_name="detect"
-    )
+    ).success(lambda: None, None, uploads, api_visibility="private", queue=False)  # their files are gone
 
     def on_crop_select(ids: list[int], event: gr.SelectData) -> Any:
         return ids[event.index] if ids and event.index < len(ids) else gr.update()
