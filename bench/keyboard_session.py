@@ -17,8 +17,13 @@ a click, a wait), waits for the page to answer the keys marked ``true`` (the sid
 the photo changed and nothing is pending), saves a screenshot and logs every step with
 timestamps. ``score`` splits the wall time into the app's answers and the labeler's own
 time (looking and deciding, between a screenshot and the next command), and compares the
-saved boxes with the dataset's own boxes (IoU >= 0.5; the dataset leaves many background
+saved boxes with the dataset's own boxes (IoU >= 0.5, the matching of bench/detection.py; the dataset leaves many background
 faces unlabelled, so "extra" boxes are not all mistakes).
+
+The logged session (docs/results/keyboard_session.json) ran an earlier copy of ``drive``
+with the same steps; its change detector did not look at the box picker's value, so the
+first X waited its full 20 s (counted as app/driver time), and the driver was restarted
+once to add the ``focus`` step. ``score`` was run with this file.
 """
 
 from __future__ import annotations
@@ -29,10 +34,15 @@ import re
 import statistics
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from models.evaluation.detection import match_greedy, parse_voc_xml  # noqa: E402
 FACE_MASK = REPO.parent / "shared" / "data" / "face_mask"
 
 #: true while any Gradio component shows its progress/pending state
@@ -158,27 +168,6 @@ def drive(url: str, folder: Path) -> None:
 
 
 # -- score -----------------------------------------------------------------------------------
-def _iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
-def _matches(boxes: list[list[float]], truth: list[list[float]], threshold: float = 0.5) -> int:
-    used: set[int] = set()
-    hits = 0
-    for box in boxes:
-        best, best_iou = None, threshold
-        for j, other in enumerate(truth):
-            if j not in used and (overlap := _iou(box, other)) >= best_iou:
-                best, best_iou = j, overlap
-        if best is not None:
-            used.add(best)
-            hits += 1
-    return hits
-
-
 def _agreement(database: Path, annotations: Path) -> dict:
     """Saved boxes of every image vs the dataset's VOC boxes of the same file."""
     import sqlite3
@@ -189,12 +178,12 @@ def _agreement(database: Path, annotations: Path) -> dict:
                  for iid in names}
     total = {"boxes": 0, "dataset_boxes": 0, "matched": 0}
     for iid, name in names.items():
-        root = ET.parse(annotations / f"{Path(name).stem}.xml").getroot()
-        truth = [[float(o.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]
-                 for o in root.findall("object")]
-        total["boxes"] += len(boxes[iid])
+        truth = parse_voc_xml(annotations / f"{Path(name).stem}.xml").boxes
+        mine = np.asarray(boxes[iid], dtype=np.float64).reshape(-1, 4)
+        _, matched = match_greedy(mine, np.ones(len(mine)), truth, iou_threshold=0.5)
+        total["boxes"] += len(mine)
         total["dataset_boxes"] += len(truth)
-        total["matched"] += _matches(boxes[iid], truth)
+        total["matched"] += int(matched.sum())
     total["recall"] = round(total["matched"] / max(total["dataset_boxes"], 1), 3)
     total["precision"] = round(total["matched"] / max(total["boxes"], 1), 3)
     return total
