@@ -19,10 +19,8 @@ exports and the side panel stay in the photo's own pixels.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from sqlalchemy import func, select
 from pipeline import labeling
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest
+from pipeline.files import write_atomically
 from pipeline.labeling import BoxEdit, LabelState, QueueFilter
 from pipeline.views import md
 from storage.orm import HUMAN_ORIGIN, Face, Identity, ImageStatus
@@ -289,21 +288,17 @@ def display_copy(image_path: Path, scale: float, folder: Path) -> Path:
     target = folder / (image_path.name if scale == 1.0 else f"{stem}-x{scale:g}{suffix}")
     if target.exists():
         return target
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         if scale == 1.0:
             shutil.copyfile(image_path, tmp)
-        else:
-            with PILImage.open(image_path) as img:
-                size = (round(img.width * scale), round(img.height * scale))
-                enlarged = img.convert("RGB").resize(size, PILImage.Resampling.LANCZOS)
-            enlarged.save(tmp, format="PNG" if suffix.lower() == ".png" else "JPEG", quality=95)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
+            return
+        with PILImage.open(image_path) as img:
+            size = (round(img.width * scale), round(img.height * scale))
+            enlarged = img.convert("RGB").resize(size, PILImage.Resampling.LANCZOS)
+        enlarged.save(tmp, format="PNG" if suffix.lower() == ".png" else "JPEG", quality=95)
+
+    return write_atomically(target, write)
 
 
 def parse_boxes(value: dict | None, current: dict) -> list[BoxEdit]:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
 
 from pipeline.context import Lab
+from pipeline.files import write_atomically
 
 FOLDER_NAME = "facelab-served"
 QUALITY = 90
@@ -40,15 +39,6 @@ def picture_file(lab: Lab, picture: np.ndarray, source_sha256: str) -> str:
     data = buffer.getvalue()
     folder = served_folder(lab)
     target = folder / f"{source_sha256}-{hashlib.sha256(data).hexdigest()[:16]}.webp"
-    if target.exists():
-        return str(target)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".webp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(staging, target)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    if not target.exists():
+        write_atomically(target, data)
     return str(target)

@@ -20,11 +20,12 @@ exactly these bytes and is not written again, the same rule Gradio's own
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from gradio import processing_utils
 from PIL import Image
+
+from pipeline.files import write_atomically
 
 _installed = False
 #: Gradio's own writer, kept for comparison (tests measure the race against it)
@@ -43,14 +44,7 @@ def save_pil_to_cache_atomically(img: Image.Image, cache_dir: str, name: str = "
         except OSError:
             pass
         return str(final)
-    fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{final.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(staging, final)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    write_atomically(final, data)
     return str(final)
 
 
