@@ -311,21 +311,31 @@ def build_label_tab(lab: Lab) -> None:
         shown_file = review.display_copy(Path(cur["image_file"]), cur["display_scale"], _serve_folder())
         return gr.update(value={"image": str(shown_file), "boxes": boxes})
 
-    def on_pick(cur: dict | None, face: int | None, value: dict | None) -> list[Any]:
-        buttons = [gr.update(value=t or " ", visible=bool(t)) for t in review.select_box(cur, face)]
+    # The picker's .change (also fired by loads and by X) only refreshes the suggestions.
+    # The photo is redrawn only by the actions that select a box ([ ], a table row, the
+    # dropdown), from the editor's value as it is at that moment: redrawing on .change used
+    # the value from before an X and brought the removed box back (and reset the draw mode).
+    def on_pick(cur: dict | None, face: int | None) -> list[Any]:
+        return [gr.update(value=t or " ", visible=bool(t)) for t in review.select_box(cur, face)]
+
+    picker.change(on_pick, [current, picker], suggest_btns, api_visibility="private", queue=False)
+
+    def select(cur: dict | None, value: dict | None, face: int | None) -> tuple[Any, Any]:
+        """Select ``face``: the picker shows it and the photo draws it in magenta."""
+        if cur is None or face is None:
+            return gr.skip(), gr.skip()
         boxes = review.editor_boxes(cur, value, face)
-        # after a load the selected box is drawn in its colour already: leave the editor alone
-        same = cur is None or boxes == [dict(b) for b in (value or {}).get("boxes") or []]
-        return [*buttons, gr.skip() if same else editor_update(cur, boxes)]
+        same = boxes == [dict(b) for b in (value or {}).get("boxes") or []]
+        return face, gr.skip() if same else editor_update(cur, boxes)
 
-    picker.change(on_pick, [current, picker, annotator], [*suggest_btns, annotator],
-                  api_visibility="private", queue=False)
+    def on_step(cur: dict | None, face: int | None, value: dict | None, step: int) -> tuple[Any, Any]:
+        return select(cur, value, review.step_box(cur, face, step))
 
-    def on_step(cur: dict | None, face: int | None, step: int) -> Any:
-        return review.step_box(cur, face, step)
-
-    prev_box_btn.click(partial(on_step, step=-1), [current, picker], picker, api_visibility="private", queue=False)
-    next_box_btn.click(partial(on_step, step=1), [current, picker], picker, api_visibility="private", queue=False)
+    for button, step in ((prev_box_btn, -1), (next_box_btn, 1)):
+        button.click(partial(on_step, step=step), [current, picker, annotator], [picker, annotator],
+                     api_visibility="private", queue=False)
+    picker.input(lambda cur, face, value: select(cur, value, face), [current, picker, annotator],
+                 [picker, annotator], api_visibility="private", queue=False)
 
     def on_remove(cur: dict | None, value: dict | None, face: int | None) -> tuple[Any, Any]:
         try:
@@ -337,12 +347,14 @@ def build_label_tab(lab: Lab) -> None:
     remove_box_btn.click(on_remove, [current, annotator, picker], [annotator, picker],
                          api_visibility="private", queue=False)
 
-    def on_row(cur: dict | None, event: gr.SelectData) -> Any:
+    def on_row(cur: dict | None, value: dict | None, event: gr.SelectData) -> tuple[Any, Any]:
         row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
         order = (cur or {}).get("order") or []
-        return order[row] if isinstance(row, int) and 0 <= row < len(order) else gr.skip()
+        if not (isinstance(row, int) and 0 <= row < len(order)):
+            return gr.skip(), gr.skip()
+        return select(cur, value, order[row])
 
-    table.select(on_row, [current], picker, api_visibility="private", queue=False)
+    table.select(on_row, [current, annotator], [picker, annotator], api_visibility="private", queue=False)
 
     # -- side information -------------------------------------------------------------------
     def on_history(cur: dict | None, request: gr.Request) -> list[list[Any]]:
