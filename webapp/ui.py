@@ -5,6 +5,8 @@ function (which tests call without a browser) and only maps its result onto comp
 from __future__ import annotations
 
 import html
+import logging
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -16,6 +18,8 @@ from webapp import gradio_cache
 from webapp.data_tab import build_data_tab
 from webapp.label_tab import build_label_tab
 from webapp.train_tab import build_train_tab
+
+log = logging.getLogger(__name__)
 
 FACE_TABLE_HEADERS = ["face id", "file", "score", "person", "suggestion", "similarity"]
 SEARCH_TABLE_HEADERS = ["rank", "person", "similarity", "match", "face id", "image id"]
@@ -33,6 +37,13 @@ def _user_error(exc: FaceLabError) -> gr.Error:
 
 def build_ui(lab: Lab) -> gr.Blocks:
     gradio_cache.install()  # concurrent identical image outputs must not serve a half-written file
+    from gradio.utils import get_upload_folder
+
+    if Path(get_upload_folder()).resolve() != lab.settings.ui_cache_dir.resolve():
+        # python app.py points GRADIO_TEMP_DIR there; other launchers may not
+        log.warning("Gradio's temporary folder %s is not %s: uploads and served faces kept there are "
+                    "out of reach of privacy deletes; start the app with `python app.py`, or set "
+                    "GRADIO_TEMP_DIR before Gradio is imported", get_upload_folder(), lab.settings.ui_cache_dir)
     # delete_cache: Gradio's uploads and outputs older than a day go, checked hourly
     # (search photos are never stored; pictures of stored photos are made again on demand)
     with gr.Blocks(title="FaceLab", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
