@@ -30,7 +30,7 @@ from sqlalchemy import delete, func, select
 from pipeline.context import Lab
 from storage.db import current_revision, head_revision
 from storage.embedding_rows import embedding_face_ids, fetch_embeddings
-from storage.faiss_index import FaceIndex
+from storage.faiss_index import FaceIndex, OutdatedIndexFormat
 from storage.orm import Embedding, Face, Image
 
 #: cosine distance below which an index vector counts as the database's (float32 noise)
@@ -154,6 +154,15 @@ def _check_index(lab: Lab, report: CheckReport, repair: bool) -> None:
         return
     try:
         saved = FaceIndex.load(lab.settings.index_dir, version, dim)
+    except OutdatedIndexFormat as exc:
+        # written before an upgrade: a cache in an old format, not an inconsistency
+        if repair:
+            lab.rebuild_index()
+            report.repaired.append(f"rebuilt the search index in the current format ({exc})")
+        else:
+            report.facts.append(f"the saved search index is from an older FaceLab ({exc}); "
+                                "the app rebuilds it from the database when it next loads it")
+        return
     except ValueError as exc:
         problem = f"the saved search index cannot be used ({exc})"
     else:

@@ -57,6 +57,11 @@ log = logging.getLogger(__name__)
 #: cause one rebuild
 MANIFEST_FORMAT = 2
 
+
+class OutdatedIndexFormat(ValueError):
+    """A saved index written by an older FaceLab (an older manifest format). Not damage:
+    ``load_or_rebuild`` rebuilds it from the database like any unusable file."""
+
 #: ``() -> (face ids, vectors, row ids)`` from the database, for a rebuild
 FetchAll = Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]
 #: ``(count, max row id, sum of row ids)``; see FaceIndex.stamp
@@ -376,6 +381,9 @@ class FaceIndex:
         manifest = cls.read_manifest(directory, model_version)
         if manifest is None:
             raise ValueError("manifest missing or unreadable")
+        found = manifest.get("format")
+        if isinstance(found, int) and not isinstance(found, bool) and 0 < found < MANIFEST_FORMAT:
+            raise OutdatedIndexFormat(f"manifest format is {found}, this version writes {MANIFEST_FORMAT}")
         expected = {"format": MANIFEST_FORMAT, "model_version": model_version, "dim": int(dim)}
         for key, value in expected.items():
             if manifest.get(key) != value:

@@ -297,3 +297,25 @@ def test_an_empty_library_is_consistent(tmp_path: Path) -> None:
         report = check(lab)
         assert report.ok, report.lines()
         assert any("no faces yet" in f for f in report.facts)
+
+
+def test_an_index_saved_by_an_older_version_is_reported_and_rebuilt_not_a_problem(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, match_threshold=0.8)
+    with Lab.open(settings) as lab:
+        (result,) = ingest(lab, [Upload("old.png", data=_photo(106))]).files
+        version = lab.model_version
+    # what a FaceLab from before the (face id, embedding row) manifest left behind
+    _, manifest_path = FaceIndex.paths(settings.index_dir, version)
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format"] = 1
+    manifest.pop("rows_checksum", None)
+    manifest_path.write_text(json.dumps(manifest))
+    with Lab.open(settings) as lab:
+        report = check(lab)
+        assert report.ok, report.lines()  # a cache in an old format is not an inconsistency
+        assert any("older FaceLab" in fact for fact in report.facts), report.lines()
+        repaired = check(lab, repair=True)
+        assert repaired.ok and any("current format" in line for line in repaired.repaired), repaired.lines()
+        assert FaceIndex.read_manifest(settings.index_dir, version)["format"] == 2
+        assert all(face.face_id in lab.index() for face in result.faces)
+        assert check(lab).ok and not any("older FaceLab" in fact for fact in check(lab).facts)
