@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -34,27 +35,37 @@ def faces_without(lab: Lab, version: str) -> list[int]:
         ).all())
 
 
-def embed_faces(lab: Lab, face_ids: Sequence[int], progress: Progress | None = None) -> int:
-    """Embed the given faces with the active embedder and add them to its index."""
-    version = lab.model_version
+def faces_by_photo(lab: Lab, face_ids: Sequence[int]) -> dict[str, list[Any]]:
+    """The stored boxes and landmarks of these faces (rows with ``id``, ``x1`` ... ``score``,
+    ``landmarks``), grouped by their photo's sha256, so each photo is read once."""
     with lab.sessions() as session:
         rows = session.execute(
             select(Face.id, Face.x1, Face.y1, Face.x2, Face.y2, Face.score, Face.landmarks, Image.sha256)
             .join(Image, Face.image_id == Image.id)
             .where(Face.id.in_(list(face_ids)))
+            .order_by(Face.id)
         ).all()
-    by_image: dict[str, list] = defaultdict(list)
+    by_photo: dict[str, list[Any]] = defaultdict(list)
     for row in rows:
-        by_image[row.sha256].append(row)
+        by_photo[row.sha256].append(row)
+    return dict(by_photo)
+
+
+def stored_boxes(faces: Sequence[Any]) -> list[FaceBox]:
+    """``faces_by_photo`` rows as FaceBoxes (landmarks None where none were stored)."""
+    return [FaceBox(f.x1, f.y1, f.x2, f.y2, f.score,
+                    np.asarray(f.landmarks, np.float32) if f.landmarks is not None else None) for f in faces]
+
+
+def embed_faces(lab: Lab, face_ids: Sequence[int], progress: Progress | None = None) -> int:
+    """Embed the given faces with the active embedder and add them to its index."""
+    version = lab.model_version
+    by_image = faces_by_photo(lab, face_ids)
+    total = sum(len(faces) for faces in by_image.values())
     done = 0
     for n, (sha, faces) in enumerate(by_image.items()):
         image = lab.images.open(sha)
-        boxes = [
-            FaceBox(f.x1, f.y1, f.x2, f.y2, f.score,
-                    np.asarray(f.landmarks, np.float32) if f.landmarks is not None else None)
-            for f in faces
-        ]
-        vectors = lab.embedder.embed(image, boxes)
+        vectors = lab.embedder.embed(image, stored_boxes(faces))
         ids = [f.id for f in faces]
         with lab.write_lock:
             with lab.session() as session:
@@ -74,7 +85,7 @@ def embed_faces(lab: Lab, face_ids: Sequence[int], progress: Progress | None = N
                               np.asarray([row.id for _, row in added], np.int64), keep_newer=True)
         done += len(ids)
         if progress:
-            progress((n + 1) / len(by_image), f"Embedded {done} of {len(rows)} face(s)")
+            progress((n + 1) / len(by_image), f"Embedded {done} of {total} face(s)")
     with lab.index_for_update() as index:
         index.save()
     return done

@@ -32,7 +32,6 @@ import logging
 import os
 import tempfile
 import threading
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -46,9 +45,8 @@ from models.detectors.base import FaceDetector
 from models.detectors.factory import create_detector
 from models.embedders.base import FaceEmbedder
 from models.embedders.factory import create_embedder
-from models.types import FaceBox
 from pipeline.context import Lab
-from pipeline.embed import faces_without
+from pipeline.embed import faces_by_photo, faces_without, stored_boxes
 from pipeline.errors import FaceLabError, InvalidRequest, NotFound
 from pipeline.evaluate import cpu_threads
 from storage.embedding_rows import embedding_rows, fetch_embedding_rows
@@ -57,7 +55,6 @@ from storage.orm import (
     AuditLog,
     Embedding,
     Face,
-    Image,
     ModelKind,
     ModelVersion,
     active_model_version,
@@ -287,23 +284,14 @@ def embed_faces_with(
     from the database afterwards. Committed per image, so a cancel keeps the work done.
     """
     version = embedder.version
-    with lab.sessions() as session:
-        rows = session.execute(
-            select(Face.id, Face.x1, Face.y1, Face.x2, Face.y2, Face.score, Face.landmarks, Image.sha256)
-            .join(Image, Face.image_id == Image.id)
-            .where(Face.id.in_(list(face_ids)))
-            .order_by(Face.id)
-        ).all()
-    by_image: dict[str, list] = defaultdict(list)
-    for row in rows:
-        by_image[row.sha256].append(row)
+    by_image = faces_by_photo(lab, face_ids)
+    total = sum(len(faces) for faces in by_image.values())
     done = 0
     for n, (sha, faces) in enumerate(by_image.items()):
         if should_stop is not None and should_stop():
-            raise PromotionStopped(f"Stopped after embedding {done} of {len(rows)} face(s); nothing was switched.")
+            raise PromotionStopped(f"Stopped after embedding {done} of {total} face(s); nothing was switched.")
         image = lab.images.open(sha)
-        boxes = [FaceBox(f.x1, f.y1, f.x2, f.y2, f.score,
-                         np.asarray(f.landmarks, np.float32) if f.landmarks is not None else None) for f in faces]
+        boxes = stored_boxes(faces)
         if any(b.landmarks is None for b in boxes):
             boxes = lab.landmarker.predict(image, boxes, only_missing=True)
         vectors = embedder.embed(image, boxes)
@@ -318,7 +306,7 @@ def embed_faces_with(
                     session.add(Embedding.from_array(face_id, version, vec))
         done += len(ids)
         if progress is not None:
-            progress((n + 1) / len(by_image), f"Embedded {done} of {len(rows)} face(s) with {version}")
+            progress((n + 1) / len(by_image), f"Embedded {done} of {total} face(s) with {version}")
     return done
 
 
