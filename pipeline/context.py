@@ -157,7 +157,12 @@ class Lab:
             return self._index
 
     def _load_index(self) -> FaceIndex:
-        version, dim = self.model_version, self.embedder.dim
+        return self.load_index(self.model_version, self.embedder.dim)
+
+    def load_index(self, version: str, dim: int) -> FaceIndex:
+        """The saved index of embedder ``version``, or one rebuilt (and saved) from the
+        database when the saved one is missing, damaged or behind the database. For the
+        active embedder use ``index()``, which also keeps it in memory and in sync."""
         with self.sessions() as session:
             face_ids, row_ids = embedding_rows(session, version)
 

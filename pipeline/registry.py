@@ -49,7 +49,6 @@ from pipeline.context import Lab
 from pipeline.embed import faces_by_photo, faces_without, stored_boxes
 from pipeline.errors import FaceLabError, InvalidRequest, NotFound
 from pipeline.evaluate import cpu_threads
-from storage.embedding_rows import embedding_rows, fetch_embedding_rows
 from storage.faiss_index import FaceIndex
 from storage.orm import (
     AuditLog,
@@ -312,16 +311,7 @@ def embed_faces_with(
 
 def build_index_for(lab: Lab, embedder: FaceEmbedder) -> FaceIndex:
     """The embedder's FAISS index, complete and saved (loaded if already up to date)."""
-    version, dim = embedder.version, embedder.dim
-    with lab.sessions() as session:
-        face_ids, row_ids = embedding_rows(session, version)
-
-    def fetch_all() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        with lab.sessions() as session:
-            return fetch_embedding_rows(session, version, dim)
-
-    return FaceIndex.load_or_rebuild(lab.settings.index_dir, version, dim, fetch_all,
-                                     face_ids=face_ids, row_ids=row_ids)
+    return lab.load_index(embedder.version, embedder.dim)
 
 
 # ----------------------------------------------------------------------------- switching
