@@ -49,6 +49,28 @@ def db_sessions(db: Engine) -> sessionmaker[Session]:
 # -- the running app (appended for the Label tab's API and browser tests) -----------------
 
 
+def astronaut_photo(seed: int, canvas: tuple[int, int] = (460, 520), sizes: tuple[int, int] = (260, 420),
+                    background: tuple[int, int] = (30, 220), fmt: str = "JPEG") -> bytes:
+    """A new photo with one face: the astronaut at a size, place and brightness drawn from
+    ``seed``, on a plain background (new bytes per seed, so never a duplicate upload)."""
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+    from skimage import data as skdata
+
+    rng = np.random.default_rng(seed)
+    height, width = canvas
+    size = int(rng.integers(*sizes))
+    face = np.asarray(PILImage.fromarray(skdata.astronaut()).resize((size, size)), dtype=np.float32)
+    out = np.full((height, width, 3), int(rng.integers(*background)), np.uint8)
+    y, x = int(rng.integers(0, height - size)), int(rng.integers(0, width - size))
+    out[y : y + size, x : x + size] = (face * rng.uniform(0.7, 1.0)).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    PILImage.fromarray(out).save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
 def _free_port() -> int:
     import socket
 

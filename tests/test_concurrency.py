@@ -5,7 +5,6 @@ up holding exactly the database's faces. Runs on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -17,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image as PILImage
-from skimage import data as skdata
 from sqlalchemy import func, select
 
 from pipeline import identities, labeling
@@ -30,20 +27,13 @@ from pipeline.search import search_face, search_image
 from pipeline.settings import Settings
 from storage.embedding_rows import embedding_face_ids
 from storage.orm import AuditLog, Face, Identity, Image
+from tests.conftest import astronaut_photo
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _photo(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    size = int(rng.integers(260, 420))
-    face = np.asarray(PILImage.fromarray(skdata.astronaut()).resize((size, size)), dtype=np.float32)
-    canvas = np.full((460, 520, 3), int(rng.integers(30, 220)), np.uint8)
-    y, x = int(rng.integers(0, 460 - size)), int(rng.integers(0, 520 - size))
-    canvas[y : y + size, x : x + size] = (face * rng.uniform(0.7, 1.0)).clip(0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    PILImage.fromarray(canvas).save(buf, format="JPEG", quality=92)
-    return buf.getvalue()
+    return astronaut_photo(seed)
 
 
 @pytest.fixture(scope="module")

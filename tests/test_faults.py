@@ -9,7 +9,6 @@ previous crashes and repairs left behind.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -22,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image as PILImage
-from skimage import data as skdata
 from sqlalchemy import select
 
 from pipeline import identities
@@ -34,6 +31,7 @@ from pipeline.settings import Settings
 from storage.embedding_rows import fetch_embeddings
 from storage.faiss_index import FaceIndex
 from storage.orm import Face, Identity, Image
+from tests.conftest import astronaut_photo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,15 +108,7 @@ class Library:
 
 def _photo(seed: int) -> bytes:
     """A new photo of the astronaut (own size, brightness and position), as PNG bytes."""
-    rng = np.random.default_rng(seed)
-    size = int(rng.integers(300, 460))
-    face = np.asarray(PILImage.fromarray(skdata.astronaut()).resize((size, size)), dtype=np.float32)
-    canvas = np.full((520, 600, 3), int(rng.integers(40, 200)), np.uint8)
-    y, x = int(rng.integers(0, 520 - size)), int(rng.integers(0, 600 - size))
-    canvas[y : y + size, x : x + size] = (face * rng.uniform(0.7, 1.0)).clip(0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    PILImage.fromarray(canvas).save(buf, format="PNG")
-    return buf.getvalue()
+    return astronaut_photo(seed, canvas=(520, 600), sizes=(300, 460), background=(40, 200), fmt="PNG")
 
 
 def _run(library: Library, spec: dict, fault: str | None = None, timeout: float = 300) -> tuple[int, list[dict]]:

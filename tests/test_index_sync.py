@@ -6,13 +6,10 @@ Runs on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from PIL import Image as PILImage
-from skimage import data as skdata
 from sqlalchemy import delete, select
 
 from pipeline import identities, labeling
@@ -23,18 +20,11 @@ from pipeline.settings import Settings
 from storage.embedding_rows import embedding_rows, embedding_stamp, fetch_embedding_rows
 from storage.faiss_index import FaceIndex
 from storage.orm import Embedding, Face, Image
+from tests.conftest import astronaut_photo
 
 
 def _photo(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    size = int(rng.integers(260, 420))
-    face = np.asarray(PILImage.fromarray(skdata.astronaut()).resize((size, size)), dtype=np.float32)
-    canvas = np.full((460, 520, 3), int(rng.integers(30, 220)), np.uint8)
-    y, x = int(rng.integers(0, 460 - size)), int(rng.integers(0, 520 - size))
-    canvas[y : y + size, x : x + size] = (face * rng.uniform(0.7, 1.0)).clip(0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    PILImage.fromarray(canvas).save(buf, format="JPEG", quality=92)
-    return buf.getvalue()
+    return astronaut_photo(seed)
 
 
 @pytest.fixture(scope="module")
