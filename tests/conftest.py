@@ -71,6 +71,18 @@ def astronaut_photo(seed: int, canvas: tuple[int, int] = (460, 520), sizes: tupl
     return buf.getvalue()
 
 
+def mirrored_astronaut():  # noqa: ANN201 - numpy array; numpy is imported lazily here
+    """Another "photo" of the astronaut: mirrored, smaller, darker, on a grey canvas."""
+    import numpy as np
+    from PIL import Image as PILImage
+    from skimage import data as skdata
+
+    img = PILImage.fromarray(skdata.astronaut()).transpose(PILImage.FLIP_LEFT_RIGHT).resize((400, 400))
+    canvas = np.full((520, 620, 3), 90, dtype=np.uint8)
+    canvas[60:460, 180:580] = (np.asarray(img).astype(np.float32) * 0.8).astype(np.uint8)
+    return canvas
+
+
 def _free_port() -> int:
     import socket
 

@@ -17,6 +17,8 @@ import pytest
 from PIL import Image as PILImage
 from skimage import data as skdata
 
+from tests.conftest import mirrored_astronaut
+
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_MS = 60_000
@@ -27,13 +29,6 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium
 def _astronaut_on_canvas(background: int, left: int) -> np.ndarray:
     canvas = np.full((560, 640, 3), background, dtype=np.uint8)
     canvas[24:536, left : left + 512] = skdata.astronaut()
-    return canvas
-
-
-def _mirrored() -> np.ndarray:
-    img = PILImage.fromarray(skdata.astronaut()).transpose(PILImage.FLIP_LEFT_RIGHT).resize((400, 400))
-    canvas = np.full((520, 620, 3), 90, dtype=np.uint8)
-    canvas[60:460, 180:580] = (np.asarray(img).astype(np.float32) * 0.8).astype(np.uint8)
     return canvas
 
 
@@ -144,7 +139,7 @@ def test_draw_a_box_name_a_new_person_save_and_reload(app_server: str, page, tmp
 
 def test_accept_a_suggestion_with_the_keyboard(app_server: str, page, tmp_path: Path) -> None:  # noqa: ANN001
     enrolled, query = tmp_path / "enrolled.png", tmp_path / "query.png"
-    PILImage.fromarray(_mirrored()).save(enrolled)
+    PILImage.fromarray(mirrored_astronaut()).save(enrolled)
     PILImage.fromarray(_astronaut_on_canvas(150, 40)).save(query)
     page.goto(app_server)
     _upload(page, [enrolled, query], "2 face(s) found")

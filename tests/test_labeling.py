@@ -14,6 +14,7 @@ from skimage import data as skdata
 from sqlalchemy import func, select
 
 from models.types import FaceBox
+from tests.conftest import mirrored_astronaut
 from pipeline import identities, labeling, review
 from pipeline.context import Lab
 from pipeline.errors import Conflict, InvalidRequest, NotFound
@@ -37,14 +38,6 @@ def _variant(k: int) -> np.ndarray:
     left = 8 + (4 * k) % 80
     canvas = np.full((560, 600, 3), 30 + (9 * k) % 200, dtype=np.uint8)
     canvas[20:532, left : left + 512] = skdata.astronaut()
-    return canvas
-
-
-def _mirrored() -> np.ndarray:
-    """Another "photo" of the astronaut: mirrored, smaller, darker."""
-    img = PILImage.fromarray(skdata.astronaut()).transpose(PILImage.FLIP_LEFT_RIGHT).resize((400, 400))
-    canvas = np.full((520, 620, 3), 90, dtype=np.uint8)
-    canvas[60:460, 180:580] = (np.asarray(img).astype(np.float32) * 0.8).astype(np.uint8)
     return canvas
 
 
@@ -84,7 +77,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
 @pytest.fixture(scope="module")
 def enrolled(lab: Lab) -> int:
     """A second photo of the astronaut, named "Eileen Collins"; returns its face id."""
-    image_id = _add(lab, _mirrored(), "enrolled.png")
+    image_id = _add(lab, mirrored_astronaut(), "enrolled.png")
     state = labeling.load_for_labeling(lab, image_id, with_pixels=False)
     (box,) = state.boxes
     identities.enroll(lab, box.face_id, "Eileen Collins")
