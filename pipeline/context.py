@@ -44,7 +44,9 @@ from models.detectors.base import FaceDetector
 from models.detectors.factory import create_detector
 from models.embedders.base import FaceEmbedder
 from models.embedders.factory import create_embedder
+from models.face_quality import FaceQualityModel, load_quality_model
 from models.landmarks import LandmarkDetector
+from models.open_set import OpenSetCalibration, load_calibration
 from pipeline.settings import Settings
 from storage.db import make_engine, migrate, session_factory
 from storage.embedding_rows import embedding_rows, embedding_stamp, fetch_embedding_rows
@@ -67,6 +69,9 @@ class Lab:
     _index_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: one writer at a time for ingest/enroll/delete: keeps DB and index in step
     write_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    #: per embedder version: its face-quality model and 1:N calibration (None: none fitted)
+    _quality_models: dict[str, FaceQualityModel | None] = field(default_factory=dict, repr=False)
+    _calibrations: dict[str, OpenSetCalibration | None] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Lab":
@@ -119,6 +124,23 @@ class Lab:
                 "pass one with FACELAB_MATCH_THRESHOLD or Settings(match_threshold=...)"
             )
         return float(self.embedder.match_threshold)
+
+    def quality_model(self) -> FaceQualityModel | None:
+        """The face-quality gate fitted for the active embedder version (None: none was
+        fitted for it, or the gate is switched off in the settings)."""
+        if not self.settings.face_quality_gate:
+            return None
+        version = self.model_version
+        if version not in self._quality_models:
+            self._quality_models[version] = load_quality_model(self.embedder.name, version)
+        return self._quality_models[version]
+
+    def open_set_calibration(self) -> OpenSetCalibration | None:
+        """The 1:N threshold calibration fitted for the active embedder version, or None."""
+        version = self.model_version
+        if version not in self._calibrations:
+            self._calibrations[version] = load_calibration(self.embedder.name, version)
+        return self._calibrations[version]
 
     # -- index -----------------------------------------------------------------------
     def index(self, sync: bool = True) -> FaceIndex:

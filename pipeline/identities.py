@@ -10,9 +10,10 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from pipeline.context import Lab
 from pipeline.faults import fault_point
+from pipeline.identify import primary_face, quality_gate, stored_face_quality
 from pipeline.errors import Conflict, InvalidRequest, NotFound
 from pipeline.results import PersonSummary
-from storage.orm import Face, Identity, ReviewStatus, record_audit, utcnow
+from storage.orm import Face, Identity, Image, ReviewStatus, record_audit, utcnow
 
 MAX_NAME_LENGTH = 120
 
@@ -40,11 +41,22 @@ def _require(session: Session, name: str) -> Identity:
     return person
 
 
-def enroll(lab: Lab, face_id: int, name: str, user: str = "local") -> PersonSummary:
-    """Name a face: creates the person when the name is new (names ignore case)."""
+def enroll(lab: Lab, face_id: int, name: str, user: str = "local", confirm_face: bool = False) -> PersonSummary:
+    """Name a face: creates the person when the name is new (names ignore case).
+
+    A box that may not be a face (below the quality gate, ``pipeline.identify``) and that
+    no person has confirmed is refused unless ``confirm_face``: enrolling a hand or a
+    torso would make it match every other non-face.
+    """
     name = clean_name(name)
-    if not isinstance(face_id, int) or face_id < 1:
+    if not isinstance(face_id, int) or isinstance(face_id, bool) or face_id < 1:
         raise InvalidRequest(f"face id must be a positive whole number, got {face_id!r}")
+    if not confirm_face:
+        quality, searchable = stored_face_quality(lab, [face_id]).get(face_id, (None, True))
+        if not searchable:
+            raise InvalidRequest(
+                f"Face #{face_id} may not be a face (quality {quality:.2f}, below {quality_gate(lab):.2f}). "
+                "Look at it, and if it is a face, confirm it (tick \"it is a face\") to name it.")
     with lab.write_lock:
         try:
             with lab.session() as session:
@@ -68,6 +80,25 @@ def enroll(lab: Lab, face_id: int, name: str, user: str = "local") -> PersonSumm
             return summary
         except (IntegrityError, StaleDataError) as exc:  # same new name, or the face changed, in another process
             raise Conflict(f"Someone else just changed face {face_id} or created {name!r}; try again.") from exc
+
+
+def enroll_photo(lab: Lab, image_id: int, name: str, user: str = "local") -> PersonSummary:
+    """Name the main face of a stored photo (the biggest face that passes the quality gate,
+    towards the centre; never a box that may not be a face)."""
+    if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id < 1:
+        raise InvalidRequest(f"image id must be a positive whole number, got {image_id!r}")
+    with lab.sessions() as session:
+        image = session.get(Image, image_id)
+        if image is None:
+            raise NotFound(f"Image {image_id} does not exist (it may have been deleted).")
+        faces = [(f.id, f.box) for f in image.faces]
+        width, height = image.width, image.height
+    quality = stored_face_quality(lab, [f for f, _ in faces])
+    main = primary_face([b for _, b in faces], width, height, [quality.get(f, (None, True))[1] for f, _ in faces])
+    if main is None:
+        raise InvalidRequest(f"Image {image_id} has no face that can be named (none found, or none that surely "
+                             "is a face): name a face by its id instead.")
+    return enroll(lab, faces[main][0], name, user=user)
 
 
 def list_people(lab: Lab) -> list[PersonSummary]:

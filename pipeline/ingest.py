@@ -18,6 +18,7 @@ from sqlalchemy import or_, select
 from models.types import FaceBox
 from pipeline.context import Lab
 from pipeline.faults import fault_point
+from pipeline.identify import face_quality, passes_gate, stored_face_quality
 from pipeline.results import FaceInfo, FileResult, IngestReport
 from pipeline.suggest import suggest_people
 from storage.images import DecodedImage, ImageRejected, decode_upload, sanitize_name
@@ -111,9 +112,11 @@ def _ingest_batch(lab: Lab, batch: Sequence[Upload]) -> list[FileResult]:
                 select(Image).where(or_(Image.sha256 == image.sha256, Image.upload_sha256 == image.upload_sha256))
             ).first()
             if existing is not None:
+                quality = stored_face_quality(lab, [f.id for f in existing.faces])
                 out[i] = FileResult(
                     name=image.name, image_id=existing.id, sha256=existing.sha256, duplicate=True,
-                    faces=[_face_info(f) for f in existing.faces], note="already in the library",
+                    faces=[_face_info(f, *quality.get(f.id, (None, True))) for f in existing.faces],
+                    note="already in the library",
                 )
             else:
                 fresh.append((i, image))
@@ -131,19 +134,25 @@ def _detect_embed_store(lab: Lab, images: Sequence[DecodedImage]) -> list[FileRe
     vectors = [lab.embedder.embed(img.rgb, boxes) for img, boxes in zip(images, with_landmarks)]
     version = lab.model_version
     origin = lab.detector.version
+    # quality of each box (may it be a non-face?): decided before anything is stored
+    qualities = []
+    for boxes, vecs in zip(with_landmarks, vectors, strict=True):
+        q = face_quality(lab, vecs, [b.as_tuple() for b in boxes]) if boxes else None
+        qualities.append([float(v) for v in q] if q is not None else [None] * len(boxes))
 
     stored: list[tuple[DecodedImage, int, list[FaceInfo], np.ndarray | None]] = []
     new_ids: list[np.ndarray] = []
     new_vectors: list[np.ndarray] = []
     new_rows: list[list[Embedding]] = []
-    for image, boxes, vecs in zip(images, with_landmarks, vectors, strict=True):
+    for image, boxes, vecs, quality in zip(images, with_landmarks, vectors, qualities, strict=True):
         lab.images.put(image)  # atomic, content-addressed; before the row that points to it
         fault_point("ingest_after_file")
         with lab.session() as session:
             # Another request may have stored the same image since we checked.
             row = session.scalars(select(Image).where(Image.sha256 == image.sha256)).one_or_none()
             if row is not None:
-                stored.append((image, row.id, [_face_info(f) for f in row.faces], None))
+                known = stored_face_quality(lab, [f.id for f in row.faces])
+                stored.append((image, row.id, [_face_info(f, *known.get(f.id, (None, True))) for f in row.faces], None))
                 continue
             row = Image(
                 sha256=image.sha256, original_name=image.name, width=image.width, height=image.height,
@@ -155,7 +164,8 @@ def _detect_embed_store(lab: Lab, images: Sequence[DecodedImage]) -> list[FileRe
             session.flush()
             embeddings = [Embedding.from_array(face.id, version, vec) for face, vec in zip(faces, vecs, strict=True)]
             session.add_all(embeddings)
-            stored.append((image, row.id, [_face_info(f) for f in faces], np.asarray(vecs, dtype=np.float32)))
+            infos = [_face_info(f, q, passes_gate(lab, q)) for f, q in zip(faces, quality, strict=True)]
+            stored.append((image, row.id, infos, np.asarray(vecs, dtype=np.float32)))
             if faces:
                 new_ids.append(np.array([f.id for f in faces], dtype=np.int64))
                 new_vectors.append(np.asarray(vecs, dtype=np.float32))
@@ -184,8 +194,9 @@ def _new_face(box: FaceBox, origin: str) -> Face:
     )
 
 
-def _face_info(face: Face) -> FaceInfo:
+def _face_info(face: Face, quality: float | None = None, searchable: bool = True) -> FaceInfo:
     return FaceInfo(
         face_id=face.id, image_id=face.image_id, box=face.box, score=face.score, origin=face.origin,
         identity_id=face.identity_id, identity=face.identity.name if face.identity_id is not None else None,
+        quality=quality, searchable=searchable,
     )

@@ -35,6 +35,7 @@ from pipeline.context import Lab
 from pipeline.errors import Conflict, InvalidRequest, NotFound
 from pipeline.identities import clean_name
 from pipeline.results import PersonMatch
+from pipeline.identify import stored_face_quality
 from pipeline.suggest import nearest_people
 from storage.orm import (
     HUMAN_ORIGIN,
@@ -191,7 +192,11 @@ def load_for_labeling(lab: Lab, image_id: int, with_pixels: bool = True, suggest
     if with_vec and suggestions > 0:
         mat = np.stack([np.frombuffer(vectors[i], dtype="<f4").astype(np.float32) for i in with_vec])
         own = {f.id for f, _ in faces}
-        ranked = dict(zip(with_vec, nearest_people(lab, mat, people=suggestions, exclude=own), strict=True))
+        # boxes that may not be faces get ranked people but nobody is accepted for them
+        quality = stored_face_quality(lab, with_vec)
+        searchable = [quality.get(f, (None, True))[1] for f in with_vec]
+        ranked = dict(zip(with_vec, nearest_people(lab, mat, people=suggestions, exclude=own, searchable=searchable),
+                          strict=True))
     boxes = tuple(
         LabelBox(face_id=f.id, box=f.box, name=name, identity_id=f.identity_id, score=float(f.score), origin=f.origin,
                  review_status=str(f.review_status), version=f.version, updated_by=f.updated_by,

@@ -25,6 +25,10 @@ class FaceInfo:
     identity_id: int | None = None
     identity: str | None = None
     suggestion: Suggestion | None = None
+    #: probability that the box is a real face (models.face_quality); None: not assessed
+    quality: float | None = None
+    #: passes the quality gate or was confirmed by a person: searchable and enrollable
+    searchable: bool = True
 
 
 @dataclass(frozen=True)
@@ -93,22 +97,54 @@ class PersonMatch:
 
 @dataclass(frozen=True)
 class QueryFace:
+    """One face of a search photo (or a stored face searched for) and what it matched.
+
+    ``people`` are enrolled persons ranked by similarity; at most the first has
+    ``is_match`` (accepted by the decision rule). ``matches`` are the most similar stored
+    faces; a match's ``is_match`` is True only for faces of the accepted person.
+    """
+
     box: tuple[float, float, float, float]
     score: float
     matches: list[Match]
     people: list[PersonMatch]
+    #: probability that the box is a real face; None: no quality model for this embedder
+    quality: float | None = None
+    #: False: the box may not be a face, so it was not searched and names nobody
+    searchable: bool = True
+    is_primary: bool = False
+    #: the query's unit embedding, when the caller asked for it
+    embedding: list[float] | None = None
+
+    @property
+    def decision(self) -> PersonMatch | None:
+        """The enrolled person this face is, by the decision rule; None: nobody."""
+        return next((p for p in self.people if p.is_match), None)
 
 
 @dataclass(frozen=True)
 class SearchResult:
     faces: list[QueryFace]
+    #: the similarity the best enrolled person had to reach
     threshold: float
     model_version: str
+    #: index in ``faces`` of the photo's main face (biggest searchable, towards the centre)
+    primary: int | None = None
+    #: enrolled faces the query was compared with
+    gallery_faces: int = 0
+    #: how the threshold was set (pipeline.identify.DecisionRule.describe)
+    rule: str = ""
+
+    @property
+    def primary_face(self) -> QueryFace | None:
+        return self.faces[self.primary] if self.primary is not None else None
 
     @property
     def best_person(self) -> PersonMatch | None:
-        people = [p for f in self.faces for p in f.people]
-        return max(people, key=lambda p: p.similarity, default=None)
+        """Who the photo's main face is (None: nobody enrolled reaches the threshold, or no
+        searchable face). Bystanders never decide it."""
+        face = self.primary_face
+        return face.decision if face is not None else None
 
 
 @dataclass(frozen=True)

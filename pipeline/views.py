@@ -48,6 +48,8 @@ class SearchView:
     gallery: list[Caption]
     rows: list[list[object]]
     message: str
+    #: the whole result as JSON (``search_details``)
+    details: dict
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,18 @@ def draw_faces(image: np.ndarray, faces: Sequence[tuple[Sequence[float], str, bo
 def _face_label(face: FaceInfo) -> str:
     if face.identity:
         return f"#{face.face_id} {face.identity}"
+    if not face.searchable:
+        return f"#{face.face_id} not a face?"
     if face.suggestion and face.suggestion.is_match:
         return f"#{face.face_id} {face.suggestion.name}?"
     return f"#{face.face_id}"
+
+
+def is_it_a_face(face: FaceInfo) -> str:
+    """The table's "face?" column: how sure the quality gate is that the box is a face."""
+    if face.quality is None:
+        return ""
+    return f"yes ({face.quality:.2f})" if face.searchable else f"unsure ({face.quality:.2f})"
 
 
 # -- Detect tab -------------------------------------------------------------------------
@@ -134,13 +145,16 @@ def detect(lab: Lab, files: Sequence[str | Path], progress: Callable[[float, str
             caption = f"#{face.face_id} · {face.score:.2f}"
             if face.identity:
                 caption += f" · {face.identity}"
+            elif not face.searchable:
+                caption += " · may not be a face"
             elif s is not None:
-                caption += f" · {'' if s.is_match else 'not '}{s.name}? {s.similarity:.2f}"
+                caption += f" · {s.name} {s.similarity:.2f}" if s.is_match else f" · nobody (closest {s.name} {s.similarity:.2f})"
             crops.append((picture_file(lab, face_crop(image, face.box), result.sha256), caption))
             face_ids.append(face.face_id)
             rows.append([
-                face.face_id, result.name, round(face.score, 3), face.identity or "",
-                s.name if s else "", round(s.similarity, 3) if s else None,
+                face.face_id, result.name, round(face.score, 3), is_it_a_face(face), face.identity or "",
+                (s.name if s.is_match else f"nobody (closest: {s.name})") if s else "",
+                round(s.similarity, 3) if s else None,
             ])
     lines = [report.summary() + "."]
     lines += [f"- **{md(r.name)}**: {md(r.error)}" for r in report.files if r.error]
@@ -162,42 +176,77 @@ def forget_uploads(lab: Lab, files: Sequence[str | Path]) -> int:
     return removed
 
 
-def enroll(lab: Lab, face_id: float | int | None, name: str, user: str = "local") -> str:
+def enroll(lab: Lab, face_id: float | int | None, name: str, user: str = "local", confirm_face: bool = False) -> str:
     if face_id is None or (isinstance(face_id, float) and (np.isnan(face_id) or not face_id.is_integer())):
         raise InvalidRequest("Pick a face first: click its crop, or type its id.")
-    person = identities.enroll(lab, int(face_id), name, user=user)
+    person = identities.enroll(lab, int(face_id), name, user=user, confirm_face=bool(confirm_face))
     return f"Face #{int(face_id)} is now **{md(person.name)}** ({person.face_count} face(s))."
 
 
 # -- Search tab -------------------------------------------------------------------------
-def search(lab: Lab, path: str | Path | None, k: int, threshold: float | None) -> SearchView:
+def search(lab: Lab, path: str | Path | None, k: int, threshold: float | None,
+           with_embeddings: bool = False) -> SearchView:
+    """``threshold`` None: the calibrated 1:N threshold for the current gallery size."""
     if not path:
         raise InvalidRequest("Choose a photo of the person to find.")
     file = Path(path)
-    result = search_image(lab, file.read_bytes(), file.name, k=k, threshold=threshold)
+    result = search_image(lab, file.read_bytes(), file.name, k=k, threshold=threshold,
+                          with_embeddings=with_embeddings)
     gallery: list[Caption] = []
     rows: list[list[object]] = []
+    if not result.faces:
+        return SearchView(result, [], [], "No face found in this photo. Try a larger, sharper or more frontal photo.",
+                          search_details(result))
+    query = result.primary_face
+    if query is None:
+        message = (f"The photo has {len(result.faces)} box(es), but none surely is a face (a hand, a torso, a "
+                   "pattern?), so nothing was searched. Try a clearer photo of the face.")
+        return SearchView(result, [], [], message, search_details(result))
     cache: dict[int, tuple[str, np.ndarray]] = {}
-    query = result.faces[0]  # the detector's most confident face
     for rank, match in enumerate(query.matches, start=1):
         if match.image_id not in cache:
             sha = lab_image_sha(lab, match.image_id)
             cache[match.image_id] = sha, lab.images.open(sha)
         sha, image = cache[match.image_id]
-        name = match.name or "unknown"
+        name = match.name or "unnamed"
         gallery.append((picture_file(lab, face_crop(image, match.box), sha), f"{rank}. {name} · {match.similarity:.3f}"))
-        rows.append([rank, name, round(match.similarity, 4), "yes" if match.is_match else "no", match.face_id, match.image_id])
-    best = query.people[0] if query.people else None
-    if best is None:
+        same = ("yes" if match.is_match else "no") if match.identity_id is not None else "—"
+        rows.append([rank, name, round(match.similarity, 4), same, match.face_id, match.image_id])
+    decided, closest = query.decision, (query.people[0] if query.people else None)
+    if closest is None:
         message = "Nobody is enrolled yet: name faces in the Detect tab first."
-    elif best.is_match:
-        message = f"Best match: **{md(best.name)}** (similarity {best.similarity:.3f} ≥ {result.threshold:.2f})."
+    elif decided is not None:
+        message = f"This is **{md(decided.name)}** (similarity {decided.similarity:.3f} ≥ {result.threshold:.3f})."
     else:
-        message = (f"No enrolled person reaches the threshold {result.threshold:.2f}; "
-                   f"closest is {md(best.name)} ({best.similarity:.3f}).")
+        message = (f"**No match**: nobody enrolled reaches the threshold {result.threshold:.3f}; "
+                   f"the closest is {md(closest.name)} ({closest.similarity:.3f}), not close enough to say.")
+    message += f"  \n<small>{md(result.rule)}.</small>"
     if len(result.faces) > 1:
-        message += f" The photo has {len(result.faces)} faces; results are for the most confident one."
-    return SearchView(result, gallery, rows, message)
+        message += f"  \nThe photo has {len(result.faces)} faces; results are for its main face (the biggest, nearest the centre)."
+    return SearchView(result, gallery, rows, message, search_details(result))
+
+
+def search_details(result: SearchResult) -> dict:
+    """The whole result as plain JSON for the API: every face with its box, quality,
+    decision and ranked people (and its embedding when asked for)."""
+    faces = []
+    for i, face in enumerate(result.faces):
+        entry: dict[str, object] = {
+            "box": [round(v, 1) for v in face.box], "detector_score": round(face.score, 4),
+            "quality": None if face.quality is None else round(face.quality, 4), "searchable": face.searchable,
+            "primary": i == result.primary,
+            "person": face.decision.name if face.decision else None,
+            "people": [{"name": p.name, "similarity": round(p.similarity, 4), "match": p.is_match} for p in face.people],
+            "faces": [{"face_id": m.face_id, "image_id": m.image_id, "similarity": round(m.similarity, 4),
+                       "name": m.name, "match": m.is_match} for m in face.matches],
+        }
+        if face.embedding is not None:
+            entry["embedding"] = face.embedding
+        faces.append(entry)
+    best = result.best_person
+    return {"person": best.name if best else None, "threshold": round(result.threshold, 4),
+            "gallery_faces": result.gallery_faces, "rule": result.rule, "model_version": result.model_version,
+            "primary": result.primary, "faces": faces}
 
 
 def lab_image_sha(lab: Lab, image_id: int) -> str:

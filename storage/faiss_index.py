@@ -294,23 +294,31 @@ class FaceIndex:
             except RuntimeError as exc:
                 raise KeyError(face_id) from exc
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, vectors: np.ndarray, k: int, among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most similar stored faces for each query (cosine similarity, best first).
 
         A 1-D query returns 1-D ``(scores, ids)``; a 2-D (n, dim) batch returns (n, k')
         arrays. ``k' = min(k, len(self))``, so exact search fills every slot and no -1 id
         is returned (a 1-D result also drops any -1 defensively). Scores are float32 in
         [-1, 1]; ids are int64 face ids.
+
+        ``among``: only these face ids compete (e.g. the enrolled faces, so unknown faces
+        can never crowd the person a query belongs to out of the top k); slots no
+        candidate fills hold id -1 and score -inf.
         """
         single = np.ndim(vectors) == 1
         queries = self._prepare(vectors)
+        params = None
+        if among is not None:
+            among = np.ascontiguousarray(np.asarray(among, dtype=np.int64))
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(among))
         with self._lock:
-            k_eff = min(int(k), int(self._index.ntotal))
+            k_eff = min(int(k), int(self._index.ntotal), len(among) if among is not None else int(k))
             if k_eff <= 0:
                 scores = np.zeros((len(queries), 0), dtype=np.float32)
                 ids = np.zeros((len(queries), 0), dtype=np.int64)
             else:
-                scores, ids = self._index.search(queries, k_eff)
+                scores, ids = self._index.search(queries, k_eff, params=params)
         if single:
             valid = ids[0] != -1
             return scores[0][valid], ids[0][valid]

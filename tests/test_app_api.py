@@ -61,10 +61,12 @@ def test_upload_enroll_search_through_named_endpoints(app_url: str, app_data: Pa
     enrolled = client.predict(face_id, "Eileen Collins", api_name="/enroll")
     assert "Eileen Collins" in enrolled
 
-    gallery, results, search_message = client.predict(
-        handle_file(str(photos["query"])), 5, 0.0, api_name="/search"
+    gallery, results, search_message, details = client.predict(
+        handle_file(str(photos["query"])), 5, 0.0, True, True, api_name="/search"
     )
-    assert "Best match" in search_message and "Eileen Collins" in search_message
+    assert "This is" in search_message and "Eileen Collins" in search_message
+    assert details["person"] == "Eileen Collins" and details["primary"] == 0
+    assert len(details["faces"][0]["embedding"]) == 128  # asked for with the last argument
     top = results["data"][0]
     assert top[1] == "Eileen Collins" and top[4] == face_id and float(top[2]) > 0.5
 

@@ -132,7 +132,7 @@ def test_api_parameters_out_of_range_or_of_the_wrong_type(app: tuple[str, Path])
                  expect=r"positive whole number|does not exist|[Nn]o image|not found|less than minimum")
     _refused(client, 1, "<script>", False, "", 0.0, api_name="/label_load", expect="not in the list of choices")
     # still healthy: a normal search answers, with the hostile name as plain data
-    _, results, message = client.predict(query, 5, 0.0, api_name="/search")
+    _, results, message, _ = client.predict(query, 5, 0.0, api_name="/search")
     assert {row[1] for row in results["data"]} >= {XSS_NAME}
 
 
@@ -201,7 +201,7 @@ def test_names_render_as_text_on_every_tab(page, app: tuple[str, Path], tmp_path
     page.get_by_role("tab", name="Search").click()
     page.locator("#search-image input[type=file]").set_input_files(str(photos / "query.jpg"))
     page.locator("#search-button").click()
-    _wait_text(page, "#search-message", "match")
+    _wait_text(page, "#search-message", "threshold")
     _wait_text(page, "#search-table", XSS_NAME)
     _wait_text(page, "#search-gallery", XSS_NAME)
     _no_script_ran(page)

@@ -21,8 +21,8 @@ from webapp.train_tab import build_train_tab
 
 log = logging.getLogger(__name__)
 
-FACE_TABLE_HEADERS = ["face id", "file", "score", "person", "suggestion", "similarity"]
-SEARCH_TABLE_HEADERS = ["rank", "person", "similarity", "match", "face id", "image id"]
+FACE_TABLE_HEADERS = ["face id", "file", "score", "face?", "person", "who (suggestion)", "similarity"]
+SEARCH_TABLE_HEADERS = ["rank", "person", "similarity", "same person", "face id", "image id"]
 PEOPLE_TABLE_HEADERS = ["id", "name", "faces"]
 
 INTRO = """# FaceLab
@@ -90,6 +90,8 @@ def _detect_tab(lab: Lab) -> None:
     with gr.Row():
         face_id = gr.Number(label="Face id", value=None, precision=0, elem_id="enroll-face-id")
         name = gr.Textbox(label="Person's name", placeholder="e.g. Eileen Collins", elem_id="enroll-name")
+        confirm_face = gr.Checkbox(label="It is a face (needed for boxes marked \"may not be a face\")",
+                                   value=False, elem_id="enroll-confirm-face")
         enroll_button = gr.Button("Name this face", elem_id="enroll-button")
     enroll_message = gr.Markdown(elem_id="enroll-message")
     face_ids = gr.State([])
@@ -113,14 +115,14 @@ def _detect_tab(lab: Lab) -> None:
 
     crops.select(on_crop_select, inputs=[face_ids], outputs=[face_id], api_visibility="private")
 
-    def on_enroll(face: float | None, person: str, request: gr.Request) -> str:
+    def on_enroll(face: float | None, person: str, confirm: bool, request: gr.Request) -> str:
         try:
             user = auth.require_endpoint(lab, request.username, "enroll")
-            return views.enroll(lab, face, person, user=user)
+            return views.enroll(lab, face, person, user=user, confirm_face=bool(confirm))
         except FaceLabError as exc:
             raise _user_error(exc) from exc
 
-    enroll_button.click(on_enroll, inputs=[face_id, name], outputs=[enroll_message], api_name="enroll")
+    enroll_button.click(on_enroll, inputs=[face_id, name, confirm_face], outputs=[enroll_message], api_name="enroll")
 
 
 def _search_tab(lab: Lab) -> None:
@@ -128,10 +130,15 @@ def _search_tab(lab: Lab) -> None:
         with gr.Column(scale=1):
             query = gr.Image(label="Photo of the person to find", type="filepath", elem_id="search-image")
             k = gr.Slider(1, lab.settings.max_k, value=10, step=1, label="How many results")
+            automatic = gr.Checkbox(
+                label="Automatic threshold (calibrated for the number of enrolled faces: about 1 % of strangers "
+                      "accepted)", value=True, elem_id="search-automatic")
             threshold = gr.Slider(
                 0.0, 1.0, value=lab.match_threshold, step=0.01,
-                label="Match threshold (cosine similarity)", elem_id="search-threshold",
+                label="Fixed threshold (cosine similarity), when not automatic", elem_id="search-threshold",
             )
+            with_embeddings = gr.Checkbox(label="Include the query embeddings in the details", value=False,
+                                          elem_id="search-embeddings")
             search_button = gr.Button("Search", variant="primary", elem_id="search-button")
             message = gr.Markdown(elem_id="search-message")
         with gr.Column(scale=2):
@@ -139,17 +146,20 @@ def _search_tab(lab: Lab) -> None:
                 label="Most similar faces", columns=5, height=420, fit_columns=False, elem_id="search-gallery"
             )
     table = gr.Dataframe(headers=SEARCH_TABLE_HEADERS, label="Results", interactive=False, elem_id="search-table")
+    details = gr.JSON(label="Details (every face: box, quality, decision, ranked people)", elem_id="search-details")
 
-    def on_search(path: str | None, top_k: float, min_similarity: float, request: gr.Request) -> tuple[Any, ...]:
+    def on_search(path: str | None, top_k: float, min_similarity: float, auto: bool, embeddings: bool,
+                  request: gr.Request) -> tuple[Any, ...]:
         try:
             auth.require_endpoint(lab, request.username, "search")
-            view = views.search(lab, path, int(top_k), float(min_similarity))
+            view = views.search(lab, path, int(top_k), None if auto else float(min_similarity), bool(embeddings))
         except FaceLabError as exc:
             raise _user_error(exc) from exc
-        return view.gallery, view.rows, view.message
+        return view.gallery, view.rows, view.message, view.details
 
     search_button.click(
-        on_search, inputs=[query, k, threshold], outputs=[gallery, table, message], api_name="search"
+        on_search, inputs=[query, k, threshold, automatic, with_embeddings], outputs=[gallery, table, message, details],
+        api_name="search"
     )
 
 
