@@ -18,6 +18,7 @@ from pipeline.clustering import (
     FaceCluster,
     cluster_thumbnails,
     cluster_unknown_faces,
+    default_threshold,
     name_cluster,
     remove_group_from_person,
     split_person,
@@ -106,7 +107,7 @@ def _cluster_section(lab: Lab) -> None:
     gr.Markdown("### Groups of faces\nFind groups of unknown faces that look like one person and name each "
                 "group at once, or split a person's faces into groups to find wrongly named ones.")
     with gr.Row():
-        threshold = gr.Slider(0.0, 1.0, value=lab.match_threshold, step=0.01,
+        threshold = gr.Slider(0.0, 1.0, value=round(default_threshold(lab), 3), step=0.001,
                               label="Same-person similarity", elem_id="cluster-threshold")
         min_faces = gr.Slider(2, 20, value=3, step=1, label="Faces needed to start a group", elem_id="cluster-min-faces")
         find = gr.Button("Find groups of unknown faces", variant="primary", elem_id="cluster-button")
