@@ -147,6 +147,7 @@ from pipeline.errors import Conflict
 from pipeline.settings import Settings
 lab = Lab.open(Settings(data_dir=Path(spec["data"]), database_url=spec["db"], match_threshold=0.8))
 lab.model_version  # load before the start signal so the processes race for real
+Path(spec["ready"]).write_text("ready")  # the barrier: the parent waits for every worker
 start = Path(spec["go"])
 import time
 while not start.exists():
@@ -175,12 +176,18 @@ def test_processes_enrolling_at_once_create_each_person_once(lab: Lab, tmp_path:
         mine = faces[p::3]
         labels = [[f, "Crowd Person" if i % 2 == 0 else "crowd PERSON two"] for i, f in enumerate(mine)]
         spec = {"data": str(lab.settings.data_dir), "db": lab.settings.database_url, "go": str(go),
-                "labels": labels, "user": f"proc{p}"}
+                "ready": str(tmp_path / f"ready{p}"), "labels": labels, "user": f"proc{p}"}
         procs.append(subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(spec)], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     import time
 
-    time.sleep(0.5)
+    # a start barrier: "go" only once every worker has loaded its models and said so
+    deadline = time.monotonic() + 600
+    while not all((tmp_path / f"ready{p}").exists() for p in range(3)):
+        crashed = [proc for proc in procs if proc.poll() not in (None, 0)]
+        assert not crashed, crashed[0].communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the workers never got ready"
+        time.sleep(0.05)
     go.write_text("go")
     outputs = []
     for proc in procs:
