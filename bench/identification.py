@@ -214,7 +214,38 @@ def main(argv: list[str] | None = None) -> dict:
               "load_avg": os.getloadavg(), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
     return result
+
+
+def plot(result: dict, path: Path) -> None:
+    """Strangers named and enrolled people named correctly, before vs after, per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    settings = sorted({(r["enrolled_photos"], r["gallery"]) for r in rows},
+                      key=lambda s: (s[0], float("inf") if s[1] == "all" else int(s[1])))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    x = np.arange(len(settings))
+    for ax, key, title in ((axes[0], "default_strangers_named", "strangers named as an enrolled person"),
+                           (axes[1], "default_named_correctly", "enrolled people named correctly"),
+                           (axes[2], "default_named_wrongly", "enrolled people named as someone else")):
+        for offset, mode, colour in ((-0.2, "before", "#c44e52"), (0.2, "after", "#4c72b0")):
+            values = [next((r[key] for r in rows if r["mode"] == mode and (r["enrolled_photos"], r["gallery"]) == s),
+                           np.nan) * 100 for s in settings]
+            ax.bar(x + offset, values, 0.4, label=mode, color=colour)
+        ax.set_xticks(x, [f"{g} people\n{e} photo{'s' if e > 1 else ''}" for e, g in settings], fontsize=8)
+        ax.set_ylabel("% of probes")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, 100)
+    axes[0].legend()
+    fig.suptitle(f"Open-set search on LFW {result['split']} identities: the app's default decision", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
