@@ -17,7 +17,6 @@ from sqlalchemy import select
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest, NotFound
 from pipeline.identify import (
-    DecisionRule,
     decide,
     decision_rule,
     face_quality,
@@ -27,6 +26,7 @@ from pipeline.identify import (
 )
 from pipeline.results import Match, PersonMatch, QueryFace, SearchResult
 from pipeline.suggest import enrolled_gallery, rank_people
+from storage.faiss_index import FaceIndex
 from storage.images import ImageRejected, decode_upload
 from storage.orm import Embedding, Face, Identity
 
@@ -112,7 +112,7 @@ def _search(lab: Lab, vectors: np.ndarray, boxes: Sequence[tuple[float, float, f
     return SearchResult(faces, rule.threshold, lab.model_version, primary, rule.gallery_faces, rule.describe())
 
 
-def _similar_faces(lab: Lab, index, vectors: np.ndarray, k: int, decided: list[list[PersonMatch]],  # noqa: ANN001
+def _similar_faces(lab: Lab, index: FaceIndex, vectors: np.ndarray, k: int, decided: list[list[PersonMatch]],
                    searchable: Sequence[bool], exclude: set[int] | None) -> list[list[Match]]:
     """The ``k`` most similar stored faces per query, leaving out boxes that may not be
     faces (unless a person confirmed them). A match ``is_match`` only if it is a face of
@@ -147,5 +147,3 @@ def _similar_faces(lab: Lab, index, vectors: np.ndarray, k: int, decided: list[l
         out.append(found)
     return out
 
-
-__all__ = ["search_image", "search_face", "DecisionRule"]
