@@ -17,3 +17,37 @@ class InvalidRequest(FaceLabError):
 
 class Conflict(FaceLabError):
     """Someone else changed the same thing first (optimistic locking)."""
+
+
+class StorageFull(FaceLabError):
+    """The disk (or quota) holding the data folder or the database is full."""
+
+
+#: errno values that mean "no room to write": ENOSPC, EDQUOT, EFBIG (a file size limit)
+_FULL_ERRNOS = frozenset({28, 122, 27})
+#: what SQLite / PostgreSQL say when they cannot write for lack of room
+_FULL_TEXTS = ("database or disk is full", "no space left on device", "disk quota exceeded",
+               "could not extend file", "file too large")
+
+
+def storage_error(exc: BaseException) -> StorageFull | None:
+    """A ``StorageFull`` with one clear line if ``exc`` (or what caused it) means the disk
+    is full, else None. Checks OSError numbers and the database drivers' messages
+    (SQLAlchemy wraps them), following ``__cause__``/``__context__``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, StorageFull):
+            return current
+        if isinstance(current, OSError) and current.errno in _FULL_ERRNOS:
+            where = f" ({current.filename})" if current.filename else ""
+            return StorageFull(f"The disk is full{where}: {current.strerror or current}. Nothing was half-written; "
+                               "free some space and try again.")
+        text = str(current).lower()
+        if any(marker in text for marker in _FULL_TEXTS) and type(current).__module__.split(".")[0] in (
+                "sqlite3", "sqlalchemy", "psycopg", "psycopg2"):
+            return StorageFull("The disk holding the database is full: the change was rolled back. "
+                               "Free some space and try again.")
+        current = current.__cause__ or current.__context__
+    return None
