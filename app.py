@@ -133,10 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a full disk is the user's to fix: one line, no traceback
         from pipeline.errors import storage_error
 
-        full = storage_error(exc)
+        full = storage_error(exc, near=_settings(args).data_dir)
         if full is None:
             raise
-        print(f"error: {full}", file=sys.stderr)
+        print(f"error: {full} Afterwards `python app.py check --repair` removes files left without "
+              "their row.", file=sys.stderr)
         return 1
 
 

@@ -92,6 +92,7 @@ class Endpoints:
             request_name = REQUEST_PARAMETER
         guarded_signature = signature.replace(parameters=params)
         allow = self.allow
+        lab = self.lab
 
         def guarded(*args: Any, **kwargs: Any) -> Any:
             bound = guarded_signature.bind(*args, **kwargs)
@@ -102,7 +103,7 @@ class Endpoints:
             except FaceLabError as exc:
                 raise user_error(exc) from exc
             except Exception as exc:
-                full = storage_error(exc)
+                full = storage_error(exc, near=lab.settings.data_dir)
                 if full is None:
                     raise
                 raise user_error(full) from exc
