@@ -440,3 +440,42 @@ def test_an_export_is_served_once_and_only_to_the_admin_who_made_it(secured_app:
     imported = admin.predict(handle_file(str(tmp_path / "got.zip")), "auto", api_name="/import_dataset")
     assert "already stored" in str(imported), imported
     assert not [p for p in (data_dir / "ui-cache").rglob("*.zip")]
+
+
+@pytest.mark.browser
+def test_the_app_works_in_chromium_under_its_security_policy(secured_app: SecuredApp, tmp_path: Path) -> None:
+    """Debian's Chromium (Playwright), scripted: log in, open every tab, export and
+    download the dataset through the link. The page must run with the app's
+    Content-Security-Policy without a single violation."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("/usr/bin/chromium is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        context.set_default_timeout(60_000)
+        context.add_init_script("window.__csp = []; document.addEventListener('securitypolicyviolation', "
+                                "e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
+        page = context.new_page()
+        page.goto(secured_app.url)
+        page.fill("input[type=text]", "boss")
+        page.fill("input[type=password]", ADMIN_PW)
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#status-line")
+        for tab in ("Detect", "Label", "Search", "People", "Train", "Data"):
+            page.get_by_role("tab", name=tab).click()
+            page.wait_for_timeout(1000)  # let the tab's load events render
+        page.locator("#export-button").click()
+        link = page.locator("#export-file a")
+        link.wait_for()
+        with page.expect_download() as download:
+            link.click()
+        saved = tmp_path / download.value.suggested_filename
+        download.value.save_as(saved)
+        assert saved.name.startswith("facelab-yolo-") and saved.stat().st_size > 1000
+        assert page.evaluate("window.__csp") == []
+        headers = page.request.get(secured_app.url).headers
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+        browser.close()
