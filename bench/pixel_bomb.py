@@ -80,6 +80,7 @@ def against_app(path: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         photo = Path(tmp) / "query.jpg"
         photo.write_bytes(astronaut_photo(11))
+        (Path(tmp) / "data").mkdir()
         with start_app(Path(tmp) / "data", env={"FACELAB_MATCH_THRESHOLD": "0.8"}) as url:
             port = url.rstrip("/").rsplit(":", 1)[1]
             app = next(p for p in psutil.Process().children(recursive=True) if port in p.cmdline())
