@@ -8,7 +8,7 @@ the personal data:
 * offered under a random token (``secrets.token_urlsafe``) to the user who asked;
 * served once: ``claim`` checks that the caller is that user and may still export,
   then renames the file away, so a second request (or anyone else's) finds nothing;
-  the server deletes it after sending it;
+  the server unlinks it as it starts sending it;
 * deleted unsent after ``TTL_S`` (``purge``: run at each export, each download, by
   ``python app.py check --repair`` and at start), and at once by a privacy delete
   (``purge(everything=True)``), since any pending export may show the deleted person.

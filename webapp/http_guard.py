@@ -13,7 +13,7 @@ until restart even after the account is removed. So, for every request:
   ``pipeline.auth.gradio_auth`` (``auth.login_address``), which throttles per address
   and per name (``auth.LoginThrottle``).
 * **Downloads**: ``/facelab/download/<token>`` serves a dataset export once, to the user
-  who made it (``pipeline.downloads``), and deletes it after sending.
+  who made it (``pipeline.downloads``); the file is unlinked as the sending starts.
 * **Security headers** on every response that passes here (``SECURITY_HEADERS``), error
   pages included: no framing by other sites (clickjacking), no MIME sniffing, no
   referrer, and a Content-Security-Policy that allows only this origin (Gradio's page
@@ -29,15 +29,15 @@ guessing then.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-from starlette.background import BackgroundTask
 from starlette.requests import HTTPConnection
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from pipeline import auth, downloads
 from pipeline.context import Lab
@@ -172,9 +172,22 @@ class HttpGuard:
             return PlainTextResponse(str(exc), status_code=403, headers={"Cache-Control": "no-store"})
         except FaceLabError as exc:
             return PlainTextResponse(str(exc), status_code=404, headers={"Cache-Control": "no-store"})
-        return FileResponse(path, media_type="application/zip", filename=filename,
-                            headers={"Cache-Control": "no-store"},
-                            background=BackgroundTask(Path(path).unlink, missing_ok=True))
+        # opened, then unlinked before the first byte goes out: the export is gone from the
+        # data folder while it is being sent (and if the sending breaks off)
+        handle = open(path, "rb")  # noqa: SIM115 - closed by the generator below
+        size = os.fstat(handle.fileno()).st_size
+        Path(path).unlink(missing_ok=True)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while chunk := await anyio.to_thread.run_sync(handle.read, 1 << 20):
+                    yield chunk
+            finally:
+                handle.close()
+
+        return StreamingResponse(chunks(), media_type="application/zip", headers={
+            "Content-Disposition": f'attachment; filename="{filename}"', "Content-Length": str(size),
+            "Cache-Control": "no-store"})
 
     async def _maybe_purge(self) -> None:
         now = time.monotonic()
