@@ -324,3 +324,37 @@ def test_exports_expire_and_a_privacy_delete_takes_them_and_uploaded_archives(tm
         upload.write_bytes(offers[1].path.read_bytes())
         privacy.forget_person(lab, "Zelda Export")
         assert not downloads.pending(lab) and not upload.exists()
+
+
+def test_an_import_plans_outside_the_write_lock_and_plans_again_if_the_image_changed(tmp_path: Path,
+                                                                                    database_url: str) -> None:
+    """The planning runs while another writer holds the lock; that writer adds a face where
+    the import has a box; under the lock the import sees the change and does not add the
+    box twice."""
+    import threading
+
+    from storage.orm import Face, Image
+
+    zip_path = _coco_zip(tmp_path / "three.zip", [[100, 100, 80, 80], [400, 100, 80, 80], [700, 100, 80, 80]],
+                         size=(900, 300))
+    with Lab.open(Settings(data_dir=tmp_path / "data", database_url=database_url, match_threshold=0.8)) as lab:
+        result: dict = {}
+        with lab.write_lock:  # "another writer" holds the lock the whole time the import plans
+            worker = threading.Thread(target=lambda: result.setdefault("report", import_dataset(lab, zip_path)))
+            worker.start()
+            deadline = time.monotonic() + 120
+            while not list(lab.images.iter_shas()):  # files are stored before the lock is taken
+                assert time.monotonic() < deadline and worker.is_alive(), "the import never got past planning"
+                time.sleep(0.05)
+            sha = next(lab.images.iter_shas())
+            with lab.session() as session:  # the image as a row, with a face on the first box
+                image = Image(sha256=sha, original_name="one.png", width=900, height=300, size_bytes=1,
+                              mime="image/png", upload_sha256="0" * 64)
+                image.faces.append(Face(x1=100.2, y1=100.0, x2=180.0, y2=180.0, score=1.0, origin="human"))
+                session.add(image)
+            assert worker.is_alive()  # waiting for the lock
+        worker.join(300)
+        report = result["report"]
+        assert (report.images_new, report.faces_new, report.faces_existing) == (0, 2, 1), report
+        with lab.sessions() as session:
+            assert session.query(Face).count() == 3
