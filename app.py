@@ -124,6 +124,24 @@ def _open_lab(settings):  # noqa: ANN001, ANN202 - lazy imports keep --help fast
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The data folder holds faces, names and password hashes: everything this process
+    # creates (database, photos, index, Gradio's uploads and cache) is for its user only
+    # (folders 0700, files 0600); Lab.open also tightens an existing data folder.
+    os.umask(0o077)
+    try:
+        return _run(args)
+    except Exception as exc:  # noqa: BLE001 - a full disk is the user's to fix: one line, no traceback
+        from pipeline.errors import storage_error
+
+        full = storage_error(exc, near=_settings(args).data_dir)
+        if full is None:
+            raise
+        print(f"error: {full} Afterwards `python app.py check --repair` removes files left without "
+              "their row.", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     # Gradio's uploads and served pictures are faces too: keep them in the data folder,
     # where privacy deletes look (pipeline.privacy). Gradio reads this when it is imported.

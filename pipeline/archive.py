@@ -58,6 +58,12 @@ class ArchiveLimits:
     max_ratio: float = 200.0
     #: entries smaller than this are exempt from the ratio check (tiny files compress oddly)
     ratio_min_bytes: int = 1 * 2**20
+    #: face boxes in the whole dataset (WIDER FACE train + val together have ~200k):
+    #: parsing stops at the first box over it. Each box is a row, an embedding and an
+    #: index entry; bigger collections go in as several imports.
+    max_boxes: int = 250_000
+    #: face boxes on one image (WIDER FACE's most crowded image has 1,968)
+    max_boxes_per_image: int = 5_000
 
 
 MAX_NAME_LENGTH = 1024
@@ -92,8 +98,10 @@ class DatasetSource(ABC):
     #: what to call the source in messages (the file or folder name)
     label: str
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, limits: ArchiveLimits | None = None) -> None:
         self.label = label
+        #: the caps this source was opened with (the box caps apply while parsing)
+        self.limits = limits or ArchiveLimits()
         self._sizes: dict[str, int] = {}
         #: names skipped as archive litter
         self.skipped: list[str] = []
@@ -135,7 +143,7 @@ class ZipSource(DatasetSource):
     """A zip archive checked entry by entry before anything is read."""
 
     def __init__(self, path: Path, limits: ArchiveLimits) -> None:
-        super().__init__(Path(path).name)
+        super().__init__(Path(path).name, limits)
         try:
             self._zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
@@ -215,7 +223,7 @@ class FolderSource(DatasetSource):
     """A local folder, walked without following links; the same limits as a zip."""
 
     def __init__(self, path: Path, limits: ArchiveLimits) -> None:
-        super().__init__(Path(path).name or str(path))
+        super().__init__(Path(path).name or str(path), limits)
         self.root = Path(path)
         total = 0
         for name, full in self._walk():

@@ -12,7 +12,8 @@ Two modes, decided by the ``users`` table:
 Passwords are stored as ``scrypt$n$r$p$salt$hash`` (hashlib.scrypt, 16-byte random salt
 per user, 32-byte key); checks use ``hmac.compare_digest`` and unknown names are hashed
 against a dummy so a login takes the same time whether or not the name exists. Repeated
-wrong passwords for one name are refused for a while (``LoginThrottle``).
+wrong passwords are refused for a while, counted per source address and per name
+(``LoginThrottle``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
@@ -50,36 +53,58 @@ PERMISSIONS: dict[str, frozenset[UserRole]] = {
     "admin": frozenset({UserRole.ADMIN}),
 }
 
-#: Gradio api_name -> action: what each callback must pass to ``require``. Every named
-#: endpoint of the app must be listed (tests/test_auth.py checks), so a new endpoint
-#: forces a decision instead of silently being open to every role.
+#: Gradio api_name -> action: the one table of every endpoint of the web app, public or
+#: not (hidden callbacks, page loads, timers and chained steps included: the browser calls
+#: them all by number, so anyone logged in can). ``webapp.endpoints`` wraps each callback
+#: in the role check for its entry, and refuses to build a UI with an event that has no
+#: entry, so a new endpoint forces a decision instead of silently being open to every role.
 ENDPOINT_ACTIONS: dict[str, str] = {
-    # Detect / Search / People (webapp/ui.py)
+    # Detect (webapp/ui.py)
     "detect": "ingest",
+    "detect_clear_uploads": "view",  # empties the upload box after a detect
+    "detect_pick_crop": "view",  # a click on a crop fills in its face id
     "enroll": "label",
+    # Search (webapp/ui.py)
     "search": "view",
+    # People (webapp/ui.py)
     "list_people": "view",
+    "people_tab_open": "view",
     "rename_person": "curate",
     "merge_people": "curate",
     "delete_person": "delete",
     # Label tab (webapp/label_tab.py)
     "label_load": "view",
+    "label_load_typed": "view",  # Enter in the image id box
+    "label_tab_open": "view",
     "label_history": "view",
+    "label_history_open": "view",
     "label_counts": "view",
     "label_save": "label",
     "label_next": "label",
     "label_skip": "label",
     "label_undo": "label",
     "label_name": "label",
-    "label_accept": "label",
+    "label_name_typed": "label",  # Enter in the name box
+    "label_name_clear": "view",  # empties the name box after naming
+    "label_name_typed_clear": "view",
+    **{f"label_accept_{rank}": "label" for rank in range(1, 6)},  # the suggestion buttons
+    "label_pick_box": "view",  # box selection and editing in the browser's copy: no
+    "label_select_box": "view",  # database writes until Save
+    "label_prev_box": "view",
+    "label_next_box": "view",
+    "label_remove_box": "view",
+    "label_table_select": "view",
     # Data tab (webapp/data_tab.py)
     "export_dataset": "export",
     "import_dataset": "import",
     "cluster_faces": "view",
+    "cluster_pick_group": "view",
     "split_person": "curate",
     "name_group": "label",
     "remove_group_name": "label",
     # Train tab (webapp/train_tab.py)
+    "train_page_load": "view",  # the job status, history and model table when a page opens
+    "train_tick": "view",  # the 2-second status poll
     "train_start": "train",
     "train_cancel": "train",
     "train_promote": "train",
@@ -237,43 +262,87 @@ def list_users(lab: Lab) -> list[UserInfo]:
 
 
 # -- login -------------------------------------------------------------------------------
-class LoginThrottle:
-    """At most ``max_failures`` wrong passwords per name per ``window_s``; then refuse that
-    name (right password or not) until the window has passed. In memory: a restart resets it."""
+#: the address a login request came from; set by the web server for each request
+#: (``webapp.http_guard``), read by ``gradio_auth`` (Gradio passes only name and password)
+login_address: ContextVar[str | None] = ContextVar("facelab_login_address", default=None)
 
-    def __init__(self, max_failures: int = 10, window_s: float = 300.0) -> None:
-        self.max_failures, self.window_s = max_failures, window_s
-        self._failures: dict[str, list[float]] = {}
+
+class LoginThrottle:
+    """Refuses logins after repeated wrong passwords, counted per source address as well
+    as per name, so that nobody can lock an account out by knowing its name.
+
+    Within ``window_s``:
+
+    * one address with ``max_per_address`` failures (any names) is refused for every name;
+    * one name from one address with ``max_per_pair`` failures is refused from there;
+    * one name with ``max_per_name`` failures from all addresses together (a guess spread
+      over many addresses) is refused, except from addresses where that name logged in
+      successfully before (``trusted_s``): its owner still gets in from their usual
+      machine while it is under attack.
+
+    A success clears the pair's count. In memory: a restart resets it. Bounded: at most
+    ``max_keys`` keys per table (the oldest are dropped under a spray of made-up names).
+    """
+
+    def __init__(self, max_per_pair: int = 10, max_per_address: int = 20, max_per_name: int = 50,
+                 window_s: float = 300.0, trusted_s: float = 30 * 86400.0, max_keys: int = 10_000) -> None:
+        self.max_per_pair, self.max_per_address, self.max_per_name = max_per_pair, max_per_address, max_per_name
+        self.window_s, self.trusted_s, self.max_keys = window_s, trusted_s, max_keys
+        self._by_pair: dict[tuple[str, str], list[float]] = {}
+        self._by_address: dict[str, list[float]] = {}
+        self._by_name: dict[str, list[float]] = {}
+        self._trusted: dict[tuple[str, str], float] = {}  # (name, address) -> last successful login
         self._lock = threading.Lock()
 
-    def _recent(self, name: str, now: float) -> list[float]:
-        times = [t for t in self._failures.get(name, []) if now - t < self.window_s]
-        self._failures[name] = times
+    def _recent(self, table: dict, key: object, now: float) -> list[float]:
+        times = [t for t in table.get(key, []) if now - t < self.window_s]
+        if times:
+            table[key] = times
+        else:
+            table.pop(key, None)
         return times
 
-    def blocked(self, name: str) -> bool:
-        with self._lock:
-            return len(self._recent(name, time.monotonic())) >= self.max_failures
-
-    def failed(self, name: str) -> None:
+    def blocked(self, name: str, address: str | None = None) -> bool:
+        address = address or "?"
         with self._lock:
             now = time.monotonic()
-            self._recent(name, now).append(now)
-            if len(self._failures) > 10_000:  # bounded memory under a spray of made-up names
-                self._failures = {k: v for k, v in self._failures.items() if v}
+            if len(self._recent(self._by_address, address, now)) >= self.max_per_address:
+                return True
+            if len(self._recent(self._by_pair, (name, address), now)) >= self.max_per_pair:
+                return True
+            trusted = now - self._trusted.get((name, address), -math.inf) < self.trusted_s
+            return not trusted and len(self._recent(self._by_name, name, now)) >= self.max_per_name
 
-    def succeeded(self, name: str) -> None:
+    def failed(self, name: str, address: str | None = None) -> None:
+        address = address or "?"
         with self._lock:
-            self._failures.pop(name, None)
+            now = time.monotonic()
+            for table, key in ((self._by_address, address), (self._by_pair, (name, address)), (self._by_name, name)):
+                self._recent(table, key, now)
+                table.setdefault(key, []).append(now)
+                if len(table) > self.max_keys:  # drop the keys whose last failure is oldest
+                    for old in sorted(table, key=lambda k: table[k][-1])[: len(table) - self.max_keys]:
+                        del table[old]
+
+    def succeeded(self, name: str, address: str | None = None) -> None:
+        address = address or "?"
+        with self._lock:
+            self._by_pair.pop((name, address), None)
+            self._trusted[(name, address)] = time.monotonic()
+            if len(self._trusted) > self.max_keys:
+                for old in sorted(self._trusted, key=self._trusted.get)[: len(self._trusted) - self.max_keys]:
+                    del self._trusted[old]
 
 
-def authenticate(lab: Lab, name: str, password: str, throttle: LoginThrottle | None = None) -> bool:
-    """True if ``name``/``password`` belong to an active user. Takes one scrypt either way."""
+def authenticate(lab: Lab, name: str, password: str, throttle: LoginThrottle | None = None,
+                 address: str | None = None) -> bool:
+    """True if ``name``/``password`` belong to an active user and ``throttle`` lets this
+    name from this ``address`` try. Takes one scrypt either way."""
     try:
         key = clean_username(name)
     except InvalidRequest:
         key = ""
-    if throttle is not None and throttle.blocked(key):
+    if throttle is not None and throttle.blocked(key, address):
         verify_password(password, _DUMMY_HASH)
         return False
     stored = None
@@ -284,26 +353,41 @@ def authenticate(lab: Lab, name: str, password: str, throttle: LoginThrottle | N
             ).one_or_none()
     ok = verify_password(password, stored[0] if stored else _DUMMY_HASH) and bool(stored and stored[1])
     if throttle is not None:
-        (throttle.succeeded if ok else throttle.failed)(key)
+        (throttle.succeeded if ok else throttle.failed)(key, address)
     return ok
 
 
-def gradio_auth(lab: Lab) -> Callable[[str, str], Awaitable[bool]] | None:
+def gradio_auth(lab: Lab, throttle: LoginThrottle | None = None) -> Callable[[str, str], Awaitable[bool]] | None:
     """The ``auth=`` callable for ``gr.Blocks.launch``; None in single-user mode.
 
     Async so the ~50 ms scrypt runs in a worker thread instead of blocking Gradio's
-    event loop (Gradio awaits coroutine functions).
+    event loop (Gradio awaits coroutine functions). The source address comes from
+    ``login_address``, set by the web server for the login request.
     """
     if not users_configured(lab):
         return None
-    throttle = LoginThrottle()
+    throttle = throttle or LoginThrottle()
 
     async def check(username: str, password: str) -> bool:
         import anyio.to_thread
 
-        return await anyio.to_thread.run_sync(authenticate, lab, username, password, throttle)
+        address = login_address.get()
+        return await anyio.to_thread.run_sync(authenticate, lab, username, password, throttle, address)
 
     return check
+
+
+def active_user(lab: Lab, username: str | None) -> UserInfo | None:
+    """The user called ``username`` if it exists and is enabled, else None (one query)."""
+    try:
+        key = clean_username(username)
+    except InvalidRequest:
+        return None
+    with lab.sessions() as session:
+        row = session.execute(select(User.role, User.active).where(User.name == key)).one_or_none()
+    if row is None or not row[1]:
+        return None
+    return UserInfo(key, row[0].value, True)
 
 
 # -- authorisation -----------------------------------------------------------------------

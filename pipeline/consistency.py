@@ -7,7 +7,10 @@ The database is the source of truth. Problems and what --repair does:
   reported only (the photo is gone; its labels are kept so nothing a person did is lost);
 - a stored file no row points to (a crash between writing the file and committing the
   row, or between a privacy delete's commit and its file removal): deleted;
-- temp files left by a crashed writer (image store and index folder): deleted;
+- temp files left by a write that did not finish (``.tmp-*``, ``.*.tmp``, ``*.part``
+  anywhere in the data folder: image store, index, exports): reported when older than
+  ``STALE_TEMP_S``; --repair deletes them all (run it while nothing else writes);
+- dataset exports nobody fetched in time (``pipeline.downloads``): reported, deleted;
 - faces without an embedding from the active embedder: embedded;
 - embeddings of the active version whose size is not the embedder's: deleted and
   re-embedded (they would stop the index from loading);
@@ -21,6 +24,7 @@ Without --repair nothing is changed (the saved index is read, not rebuilt).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,20 +127,59 @@ def _check_files(lab: Lab, report: CheckReport, images: list, repair: bool) -> N
             for sha in orphans:
                 lab.images.delete(sha)
             report.repaired.append(f"deleted {len(orphans)} orphan file(s)")
+    _check_temp_files(lab, report, repair)
+
+
+#: a temp file older than this was left by a write that did not finish (a crash, a kill,
+#: a full disk); younger ones may belong to a write going on right now
+STALE_TEMP_S = 600.0
+#: names of temp files: the image store's ``.tmp-*.part``, ``write_atomically``'s and the
+#: index's ``.<name>.<random>.tmp``, an export's ``.<name>.<random>.part``
+_TEMP_PATTERNS = (".tmp-*", ".*.tmp", "*.part")
+
+
+def temp_files(lab: Lab) -> list[Path]:
+    """Temp files anywhere in the data folder (Gradio's own cache folder aside)."""
+    root, cache = Path(lab.settings.data_dir), Path(lab.settings.ui_cache_dir)
+    found = {path for pattern in _TEMP_PATTERNS for path in root.rglob(pattern)
+             if path.is_file() and not path.is_relative_to(cache)}
+    return sorted(found)
+
+
+def _check_temp_files(lab: Lab, report: CheckReport, repair: bool) -> None:
+    from pipeline import downloads
+
+    now = time.time()
+    temps = temp_files(lab)
+    stale = [p for p in temps if now - _mtime(p, now) >= STALE_TEMP_S]
+    expired = [p for p in downloads.pending(lab) if p not in temps and now - _mtime(p, now) >= downloads.TTL_S]
+    if stale:
+        shown = ", ".join(str(p.relative_to(lab.settings.data_dir)) for p in stale[:3])
+        report.problems.append(f"{len(stale)} temp file(s) left by a write that did not finish "
+                               f"(older than {STALE_TEMP_S / 60:.0f} min): {shown}{' …' if len(stale) > 3 else ''}")
+    fresh = len(temps) - len(stale)
+    if fresh and not repair:
+        report.facts.append(f"{fresh} temp file(s) younger than {STALE_TEMP_S / 60:.0f} min (a write in progress?)")
+    if expired:
+        report.problems.append(f"{len(expired)} dataset export file(s) nobody fetched within "
+                               f"{downloads.TTL_S // 60} minutes (the app deletes them when it runs)")
     if repair:  # without --repair a running writer's fresh temp file must not be touched
-        stale = lab.images.remove_stale_temp_files(older_than_s=0)
-        stale += _remove_index_temp_files(Path(lab.settings.index_dir))
-        if stale:
-            report.repaired.append(f"deleted {stale} temp file(s) left by a crashed write")
+        removed = 0
+        for path in [*temps, *expired]:
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+        if removed:
+            report.repaired.append(f"deleted {removed} temp or expired export file(s) left behind")
 
 
-def _remove_index_temp_files(index_dir: Path) -> int:
-    # storage.faiss_index writes ".<name>.<random>.tmp" next to the target, then renames
-    removed = 0
-    for path in index_dir.glob(".*.tmp"):
-        path.unlink(missing_ok=True)
-        removed += 1
-    return removed
+def _mtime(path: Path, default: float) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return default
 
 
 def _check_index(lab: Lab, report: CheckReport, repair: bool) -> None:

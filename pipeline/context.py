@@ -30,6 +30,7 @@ away before anything searches.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,7 +77,7 @@ class Lab:
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Lab":
         settings = settings or Settings()
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        restrict_data_dir(settings)
         set_compute_threads(settings.torch_threads)
         engine = make_engine(settings.resolved_database_url)
         migrate(engine)
@@ -260,6 +261,25 @@ class Lab:
         except ValueError as exc:  # a malformed row: serve what we have; `check --repair` fixes it
             log.warning("search index %s not synced with the database: %s", version, exc)
             return None
+
+
+def restrict_data_dir(settings: Settings) -> None:
+    """Create the data folder for this user only (0700), and close an existing one that
+    others could read: it holds photos, names and password hashes. With the folder closed
+    nobody else can reach the files inside, whatever their own modes; the SQLite files
+    are made 0600 as well (copied elsewhere, they keep it)."""
+    folder = settings.data_dir
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path in (folder, settings.sqlite_path, *(settings.sqlite_path.with_name(settings.sqlite_path.name + s)
+                                                  for s in ("-wal", "-shm", "-journal"))):
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            continue
+        wanted = 0o700 if path == folder else 0o600
+        if info.st_mode & 0o077 and info.st_uid == os.geteuid():
+            os.chmod(path, wanted)
+            log.warning("%s was open to other users (mode %o); now %o", path, info.st_mode & 0o777, wanted)
 
 
 def set_compute_threads(threads: int) -> None:

@@ -94,11 +94,30 @@ class ImageEntry:
 
 
 class Findings:
-    """Problems (any one refuses the import) and notes (told to the user) found while reading."""
+    """Problems (any one refuses the import) and notes (told to the user) found while reading,
+    and the box caps (``pipeline.archive.ArchiveLimits``): ``keep`` counts every box read."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_boxes: int | None = None, max_boxes_per_image: int | None = None) -> None:
         self.items: list[str] = []
         self.notes: list[str] = []
+        self.max_boxes, self.max_boxes_per_image = max_boxes, max_boxes_per_image
+        self.boxes_read = 0
+
+    def keep(self, entry: ImageEntry, box: LabelBox) -> None:
+        """Add ``box`` to ``entry``. Past the cap per image it is a problem (once per image);
+        past the cap per import the reading stops at once (a hostile archive can hold
+        millions of tiny boxes: neither memory nor time is spent on the rest)."""
+        self.boxes_read += 1
+        if self.max_boxes is not None and self.boxes_read > self.max_boxes:
+            raise UnsafeInput(f"more than {self.max_boxes:,} boxes in this dataset; the limit for one import is "
+                              f"{self.max_boxes:,} (split the dataset into smaller imports)")
+        if self.max_boxes_per_image is not None and len(entry.boxes) >= self.max_boxes_per_image:
+            if len(entry.boxes) == self.max_boxes_per_image:
+                self.add(f"{entry.member}: more than {self.max_boxes_per_image:,} boxes on one image; "
+                         f"the limit is {self.max_boxes_per_image:,}")
+                entry.boxes.append(box)  # one over the cap marks the image as reported
+            return
+        entry.boxes.append(box)
 
     def add(self, text: str) -> None:
         self.items.append(text)
@@ -206,7 +225,7 @@ def _display_names(manifest: dict) -> dict[str, str]:
 def _number(text: object, what: str, where: str, problems: Findings) -> float | None:
     try:
         value = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         problems.add(f"{where}: {what} is {text!r}, not a number")
         return None
     if not math.isfinite(value):
@@ -292,7 +311,7 @@ def _parse_voc(source: DatasetSource, problems: Findings, display: dict[str, str
             if any(v is None for v in values):
                 continue
             xmin, ymin, xmax, ymax = values  # type: ignore[misc]
-            entry.boxes.append(LabelBox(
+            problems.keep(entry, LabelBox(
                 xmin - 1.0, ymin - 1.0, xmax, ymax, where,
                 name=_name(obj.findtext("identity"), where, problems),
                 review=_review(obj.findtext("review_status"), where, problems),
@@ -347,7 +366,7 @@ def _parse_yolo(source: DatasetSource, problems: Findings, display: dict[str, st
                 problems.add(f"{where}: values must be fractions of the image in [0, 1] (got {cx} {cy} {w} {h})")
                 continue
             box = LabelBox(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, where, normalised=True)
-            entry.boxes.append(box)
+            problems.keep(entry, box)
             by_line[(member, line_no)] = box
     # images without a label file are negatives (no faces), as in Ultralytics
     for member in sorted(finder.names):
@@ -481,7 +500,11 @@ def _parse_coco_doc(json_name: str, doc: object, finder: _ImageFinder, entries: 
                                                                    for v in bbox):
             problems.add(f"{where}: bbox must be 4 numbers [x, y, width, height], got {str(bbox)[:60]}")
             continue
-        x, y, w, h = (float(v) for v in bbox)
+        try:
+            x, y, w, h = (float(v) for v in bbox)
+        except OverflowError:  # an integer like 10**400 has no float
+            problems.add(f"{where}: bbox has a number too large to use")
+            continue
         if not all(math.isfinite(v) for v in (x, y, w, h)):
             problems.add(f"{where}: bbox has a non-finite number")
             continue
@@ -489,7 +512,7 @@ def _parse_coco_doc(json_name: str, doc: object, finder: _ImageFinder, entries: 
         if not isinstance(attrs, dict):
             problems.add(f"{where}: 'attributes' must be an object")
             continue
-        entry.boxes.append(LabelBox(x, y, x + w, y + h, where, name=_name(attrs.get("identity"), where, problems),
+        problems.keep(entry, LabelBox(x, y, x + w, y + h, where, name=_name(attrs.get("identity"), where, problems),
                                     review=_review(attrs.get("review_status"), where, problems)))
     if skipped:
         problems.note(f"{json_name}: skipped {skipped} annotation(s) that are not single faces (other category or crowd)")
@@ -504,7 +527,7 @@ def read_dataset(source: DatasetSource, fmt: str | None = None) -> tuple[str, di
     fmt = (fmt or "").strip().lower() or detect_format(source)
     if fmt not in FORMATS:
         raise InvalidRequest(f"unknown import format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    findings = Findings()
+    findings = Findings(source.limits.max_boxes, source.limits.max_boxes_per_image)
     display = _display_names(_manifest(source, findings))
     parser = {"voc": _parse_voc, "yolo": _parse_yolo, "coco": _parse_coco}[fmt]
     entries = parser(source, findings, display)

@@ -7,7 +7,10 @@ FAISS index is rebuilt from the database on the next start if it missed anything
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,26 +48,58 @@ class Upload:
             data = self.data
         else:
             assert self.path is not None
-            size = self.path.stat().st_size
-            if size > max_bytes:
-                raise ImageRejected(f"file is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB")
-            data = self.path.read_bytes()
+            data = read_regular_file(self.path, max_bytes)
         if len(data) > max_bytes:
             raise ImageRejected(f"file is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB")
         return data
 
 
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is a plain file, refusing anything else unread.
+
+    Like ``import`` (pipeline.archive): a symbolic link is refused, not followed (it could
+    point anywhere, /etc/passwd included), and so are pipes, sockets and devices (reading
+    a FIFO would wait forever). Opened with O_NOFOLLOW | O_NONBLOCK and checked with
+    fstat on the open file, so swapping the file for a link or a pipe after a check
+    cannot slip through.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            raise ImageRejected("is a symbolic link, not read (copy the real file instead)") from exc
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a pipe, socket or device, not a file"
+            raise ImageRejected(f"is {kind}; not read")
+        if info.st_size > max_bytes:
+            raise ImageRejected(f"file is {info.st_size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB")
+        return fh.read(max_bytes + 1)
+
+
 def uploads_from_paths(paths: Iterable[Path | str]) -> list[Upload]:
-    """Expand folders (recursively, image suffixes only, sorted) and keep files as given."""
+    """Expand folders (recursively, image suffixes only, sorted) and keep files as given.
+
+    Links are not followed: a linked file (or folder) inside a folder, like one given
+    directly, becomes an upload that ``read`` refuses with a reason; nothing behind it
+    is read. Pipes, sockets and devices with an image suffix are refused the same way.
+    """
     uploads: list[Upload] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            for child in sorted(p for p in path.rglob("*") if p.is_file()):
-                if child.suffix.lower() in IMAGE_SUFFIXES:
-                    uploads.append(Upload(name=str(child.relative_to(path)), path=child))
-        else:
-            uploads.append(Upload(name=path.name, path=path))
+        if path.is_dir() and not path.is_symlink():
+            found: list[Path] = []
+            for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+                base = Path(dirpath)
+                linked = [d for d in dirnames if (base / d).is_symlink()]  # os.walk lists them, never enters
+                found += [base / name for name in filenames if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+                found += [base / name for name in linked]
+            uploads += [Upload(name=str(child.relative_to(path)), path=child) for child in sorted(found)]
+            continue
+        uploads.append(Upload(name=path.name, path=path))
     return uploads
 
 

@@ -15,6 +15,8 @@ A privacy delete has to go further; these functions do all of it in one go:
   editor's copies; see ``pipeline.served``), in ``Settings.ui_cache_dir`` and any folder
   registered with ``register_cache_dir``, are deleted, kept photos included (the UI makes
   them again from the photo when they are needed);
+* dataset exports not fetched yet and uploaded dataset archives (any of them may show
+  the person) are deleted (``purge_transient_files``);
 * on SQLite the database file is rewritten (``VACUUM``) and the write-ahead log
   truncated, so deleted rows do not linger in free pages; on PostgreSQL deleted rows
   stay in dead tuples until autovacuum reuses them (``compact=True`` runs
@@ -174,6 +176,23 @@ def _after_commit(lab: Lab, face_ids: list[int], shas: list[str], touched: set[s
             lab.images.delete(sha)
     for sha in set(shas) | set(touched):
         purge_cached_copies(sha, lab.settings.ui_cache_dir)
+    purge_transient_files(lab)
+
+
+def purge_transient_files(lab: Lab) -> int:
+    """Delete files that may show anyone and that no row points to: every dataset export
+    not fetched yet (``pipeline.downloads``) and every uploaded dataset archive still in
+    the web UI's folder (an import deletes its own when done). Returns how many went."""
+    from pipeline import downloads
+
+    removed = downloads.purge(lab, everything=True)
+    cache = Path(lab.settings.ui_cache_dir)
+    if cache.is_dir():
+        for path in cache.rglob("*"):
+            if path.suffix.lower() == ".zip" and path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def drop_other_version_indexes(lab: Lab) -> list[str]:

@@ -19,10 +19,11 @@ from PIL import ImageDraw
 from pipeline import identities
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest
-from pipeline.ingest import Upload, ingest
+from pipeline.ingest import Upload, ingest, read_regular_file
 from pipeline.results import FaceInfo, IngestReport, SearchResult
 from pipeline.search import search_image
 from pipeline.served import picture_file
+from storage.images import ImageRejected
 
 #: (file to show, caption): pictures are files named after their photo (see pipeline.served)
 Caption = tuple[str, str]
@@ -190,8 +191,14 @@ def search(lab: Lab, path: str | Path | None, k: int, threshold: float | None,
     if not path:
         raise InvalidRequest("Choose a photo of the person to find.")
     file = Path(path)
-    result = search_image(lab, file.read_bytes(), file.name, k=k, threshold=threshold,
-                          with_embeddings=with_embeddings)
+    try:  # a plain file only, and never more than the upload limit read into memory
+        data = read_regular_file(file, lab.settings.max_upload_bytes)
+    except ImageRejected as exc:
+        raise InvalidRequest(f"{file.name}: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise InvalidRequest("The photo is no longer on the server; choose it again.") from exc
+    # search_image checks the header (format, width x height) before decoding any pixel
+    result = search_image(lab, data, file.name, k=k, threshold=threshold, with_embeddings=with_embeddings)
     gallery: list[Caption] = []
     rows: list[list[object]] = []
     if not result.faces:

@@ -130,7 +130,7 @@ class ImageStore:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as fh:
-                os.fchmod(fh.fileno(), 0o644)  # mkstemp's 0600 would hide files from a web server user
+                os.fchmod(fh.fileno(), 0o600)  # photos are personal data: this user only
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())

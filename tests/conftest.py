@@ -205,3 +205,23 @@ def make_database_url(request: pytest.FixtureRequest) -> Iterator[DatabaseFactor
 def database_url(make_database_url: DatabaseFactory) -> str:
     """One fresh database per test module and backend ("" = SQLite in the data folder)."""
     return make_database_url()
+
+
+# -- hostile files (appended for security: decompression bombs) ----------------------------
+def huge_png(width: int = 13000, height: int = 13000) -> bytes:
+    """A valid all-black 8-bit grayscale PNG of ``width`` x ``height`` pixels, compressed
+    block by block so making it needs no pixel buffer: 13000 x 13000 is 164 KB on disk,
+    169 MB of samples and 507 MB once decoded to RGB."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    packer = zlib.compressobj(9)
+    rows_per_block = 256
+    block = bytes(1 + width) * rows_per_block  # each row: filter byte 0, then black samples
+    parts = [packer.compress(block) for _ in range(height // rows_per_block)]
+    parts += [packer.compress(bytes(1 + width) * (height % rows_per_block)), packer.flush()]
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 
 from pipeline import auth
 from pipeline.auth import Forbidden, LaunchRefused
 from pipeline.context import Lab
 from pipeline.errors import Conflict, InvalidRequest, NotFound
 from pipeline.settings import Settings
-from storage.orm import AuditLog, User
-from tests.conftest import start_app
+from storage.orm import AuditLog, User, UserRole
+from pipeline.ingest import Upload, ingest
+from tests.conftest import astronaut_photo, start_app
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_PW = "correct horse battery"
@@ -60,14 +61,29 @@ def test_weak_passwords_and_odd_user_names_are_refused() -> None:
     assert auth.clean_username("  Alice.Smith@lab ") == "alice.smith@lab"
 
 
-def test_login_throttle_refuses_a_name_after_repeated_failures() -> None:
-    throttle = auth.LoginThrottle(max_failures=3, window_s=60)
+def test_login_throttle_counts_per_address_and_cannot_lock_an_owner_out_by_name() -> None:
+    throttle = auth.LoginThrottle(max_per_pair=3, max_per_address=5, max_per_name=8, window_s=60)
     for _ in range(3):
-        assert not throttle.blocked("bob")
-        throttle.failed("bob")
-    assert throttle.blocked("bob") and not throttle.blocked("carol")
-    throttle.succeeded("bob")
-    assert not throttle.blocked("bob")
+        assert not throttle.blocked("boss", "10.0.0.66")
+        throttle.failed("boss", "10.0.0.66")
+    assert throttle.blocked("boss", "10.0.0.66")  # that name from that address
+    assert not throttle.blocked("boss", "10.0.0.1")  # the owner, elsewhere: still in
+    assert not throttle.blocked("carol", "10.0.0.66")
+    for name in ("carol", "dave"):
+        throttle.failed(name, "10.0.0.66")
+    assert throttle.blocked("erin", "10.0.0.66")  # 5 failures from one address: every name
+    throttle.succeeded("boss", "10.0.0.1")  # the owner's usual machine
+    # a guess spread over many addresses: the name is refused everywhere but where its
+    # owner logged in before
+    for n in range(8):
+        throttle.failed("boss", f"10.1.0.{n}")
+    assert throttle.blocked("boss", "10.2.0.1") and not throttle.blocked("boss", "10.0.0.1")
+    throttle.succeeded("carol", "10.0.0.7")
+    assert not throttle.blocked("carol", "10.0.0.7")
+    small = auth.LoginThrottle(max_keys=50)  # a spray of made-up names stays bounded
+    for n in range(500):
+        small.failed(f"user{n}", f"10.3.{n // 250}.{n % 250}")
+    assert max(len(small._by_pair), len(small._by_address), len(small._by_name)) <= 50
 
 
 # -- users and roles in the database ------------------------------------------------------------------
@@ -146,17 +162,48 @@ def test_app_refuses_to_listen_on_all_interfaces_without_users(tmp_path: Path) -
     assert "Refusing to listen on 0.0.0.0 without user accounts" in proc.stderr
 
 
-def test_every_public_endpoint_has_a_declared_action(tmp_path: Path) -> None:
+def test_every_endpoint_is_declared_and_checks_the_role_itself(tmp_path: Path) -> None:
+    """Every event of the UI (hidden ones, page loads, timers and chained steps included) is
+    declared with its API name and action, and refuses a removed user and a labeler on its
+    own, before the web server's checks (webapp/endpoints.py)."""
+    import gradio as gr
+    from gradio.helpers import special_args
+
+    from webapp.endpoints import check_declared, declaration_of
     from webapp.ui import build_ui
 
     with Lab.open(Settings(data_dir=tmp_path, match_threshold=0.8)) as lab:
+        auth.add_user(lab, "boss", ADMIN_PW, "admin")
+        auth.add_user(lab, "lena", LABELER_PW, "labeler")
         demo = build_ui(lab)
-    public = {fn.api_name for fn in demo.fns.values() if getattr(fn, "api_visibility", "public") == "public"}
-    # Gradio names unnamed callbacks "lambda_3" etc.; those are timers and refreshes that
-    # should be api_visibility="private" (reported to their tab's owner), not a role decision
-    public = {name for name in public if not re.fullmatch(r"(lambda|partial)(_\d+)?", name)}
-    assert public - set(auth.ENDPOINT_ACTIONS) == set(), "add new endpoints to pipeline.auth.ENDPOINT_ACTIONS"
-    assert set(auth.ENDPOINT_ACTIONS.values()) <= set(auth.PERMISSIONS)
+        names = [fn.api_name for fn in demo.fns.values()]
+        assert len(names) == len(set(names)) and not any(re.fullmatch(r"(lambda|partial)(_\d+)?", n) for n in names)
+        # the table and the UI agree both ways: nothing undeclared, nothing stale
+        assert set(names) == set(auth.ENDPOINT_ACTIONS), set(names) ^ set(auth.ENDPOINT_ACTIONS)
+        assert set(auth.ENDPOINT_ACTIONS.values()) <= set(auth.PERMISSIONS)
+        select = gr.EventData(None, {"index": 0, "value": None})
+
+        def call(block_fn, username: str | None) -> str:
+            inputs, *_ = special_args(block_fn.fn, [None] * len(block_fn.inputs), request=gr.Request(username=username),
+                                      event_data=select)
+            try:
+                block_fn.fn(*inputs)
+            except gr.Error as exc:
+                return exc.message
+            return "ran"
+
+        for block_fn in demo.fns.values():
+            declared = declaration_of(block_fn.fn)
+            assert declared is not None and declared.api_name == block_fn.api_name, block_fn.api_name
+            assert "no longer exists" in call(block_fn, "gone"), block_fn.api_name
+            assert "Log in first" in call(block_fn, None), block_fn.api_name
+            if UserRole.LABELER not in auth.PERMISSIONS[declared.action]:
+                assert "may not" in call(block_fn, "lena"), block_fn.api_name
+
+        with gr.Blocks() as rogue:  # an event added without a declaration is refused
+            gr.Button().click(lambda: None, None, None, api_name="sneaky")
+        with pytest.raises(RuntimeError, match="sneaky"):
+            check_declared(rogue)
 
 
 # -- the running app behind a login ------------------------------------------------------------------
@@ -182,8 +229,20 @@ def secured_app(tmp_path_factory: pytest.TempPathFactory, make_database_url) -> 
     with Lab.open(settings) as lab:
         auth.add_user(lab, "lena", LABELER_PW, "labeler")
         auth.add_user(lab, "gone", LABELER_PW, "labeler")
+        auth.add_user(lab, "other-admin", ADMIN_PW, "admin")
+        ingest(lab, [Upload("one.jpg", data=astronaut_photo(7))])  # something to export
     with start_app(data_dir, env={"DATABASE_URL": url} if url else None) as app_url:
         yield SecuredApp(app_url, settings)
+
+
+def _login(app: SecuredApp, name: str, password: str, address: str | None = None) -> tuple[httpx.Client, int]:
+    """An HTTP client that logged in like the browser does (Gradio's /login sets a cookie).
+    ``address``: sent as X-Forwarded-For, which the server believes from 127.0.0.1 (a
+    reverse proxy on the same machine): stands for a caller at that address."""
+    client = httpx.Client(base_url=app.url.rstrip("/"), timeout=60,
+                          headers={"X-Forwarded-For": address} if address else None)
+    response = client.post("/login", data={"username": name, "password": password})
+    return client, response.status_code
 
 
 def test_every_route_needs_a_login(secured_app: SecuredApp) -> None:
@@ -221,7 +280,7 @@ def test_a_removed_user_is_refused_at_once(secured_app: SecuredApp) -> None:
     client.predict(api_name="/list_people")
     with Lab.open(secured_app.settings) as lab:  # e.g. `python app.py users remove gone` while the app runs
         auth.remove_user(lab, "gone", by="boss")
-    with pytest.raises(Exception, match="no longer exists"):
+    with pytest.raises(Exception, match="401 Unauthorized"):  # the login ended with the account
         client.predict(api_name="/list_people")  # the browser session logged in before: still refused
 
 
@@ -237,3 +296,186 @@ def test_labeler_is_refused_admin_endpoints_of_other_tabs(secured_app: SecuredAp
     labeler = Client(secured_app.url, auth=("lena", LABELER_PW), verbose=False)
     with pytest.raises(Exception, match="may not"):
         labeler.predict(*args, api_name=api)
+
+
+def _queue_join(client: httpx.Client, fn_index: int) -> httpx.Response:
+    """What the browser sends to run event number ``fn_index`` (inputs do not matter here:
+    a refused caller never gets as far as them)."""
+    return client.post("/gradio_api/queue/join", json={
+        "data": [], "fn_index": fn_index, "session_hash": f"s{fn_index}x", "event_data": None, "trigger_id": None})
+
+
+@pytest.mark.parametrize("how", ["removed", "disabled"])
+def test_a_removed_or_disabled_user_is_refused_on_every_fn_index(secured_app: SecuredApp, how: str) -> None:
+    name = f"temp-{how}"
+    with Lab.open(secured_app.settings) as lab:
+        auth.add_user(lab, name, LABELER_PW, "labeler")
+    client, status = _login(secured_app, name, LABELER_PW)
+    assert status == 200
+    dependencies = client.get("/config").json()["dependencies"]
+    fn_indexes = [d["id"] for d in dependencies]
+    assert len(fn_indexes) == len(auth.ENDPOINT_ACTIONS)  # every event, hidden ones included
+    people = next(d["id"] for d in dependencies if d["api_name"] == "people_tab_open")  # a hidden one
+    assert _queue_join(client, people).status_code == 200  # logged in: the call is queued
+    with Lab.open(secured_app.settings) as lab:  # `python app.py users remove|disable NAME` while it runs
+        (auth.remove_user if how == "removed" else lambda lab, n, by: auth.set_active(lab, n, False, by=by))(
+            lab, name, by="boss")
+    refused = {i: _queue_join(client, i).status_code for i in fn_indexes}
+    assert set(refused.values()) == {401}, refused
+    for path in ("/config", "/gradio_api/info", "/gradio_api/upload_progress?upload_id=x"):
+        assert client.get(path).status_code == 401, path
+    # the login itself has ended: the account coming back does not revive this session
+    with Lab.open(secured_app.settings) as lab:
+        if how == "removed":
+            auth.add_user(lab, name, LABELER_PW, "labeler")
+        else:
+            auth.set_active(lab, name, True)
+    assert client.get("/config").status_code == 401
+    again, status = _login(secured_app, name, LABELER_PW)
+    assert status == 200 and again.get("/config").status_code == 200
+
+
+def _gradio_routes() -> list[tuple[str, str]]:
+    """(method, path) of every route this Gradio version serves, parameters filled in."""
+    import gradio as gr
+    from gradio.routes import App
+
+    with gr.Blocks() as demo:
+        gr.Markdown("routes")
+    def walk(routes: list, prefix: str = "") -> list[tuple[str, str]]:
+        out = []
+        for route in routes:
+            included = getattr(route, "include_context", None)  # FastAPI's lazily included routers
+            if included is not None and not callable(included):
+                out += walk(included.included_router.routes, prefix + included.prefix)
+            elif getattr(route, "path", None):
+                path = re.sub(r"\{[^}]+\}", "x", prefix + route.path)
+                out += [(method, path) for method in sorted(getattr(route, "methods", None) or {"GET"})]
+        return out
+
+    return walk(App.create_app(demo).routes)
+
+
+def test_anonymous_callers_reach_nothing_but_the_login_page(secured_app: SecuredApp) -> None:
+    from webapp.http_guard import PUBLIC_PATHS, PUBLIC_PREFIXES
+
+    base = secured_app.url.rstrip("/")
+    routes = _gradio_routes()
+    assert ("POST", "/gradio_api/cancel") in routes and len(routes) > 60
+    open_routes = []
+    for method, path in routes:
+        response = httpx.request(method, base + path, json={}, timeout=30)
+        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+            continue  # the login page and its scripts, styles and fonts
+        if response.status_code != 401:
+            open_routes.append((method, path, response.status_code))
+    assert not open_routes, open_routes
+    cancel = httpx.post(base + "/gradio_api/cancel", timeout=10,
+                        json={"session_hash": "x", "fn_index": 0, "event_id": "x"})
+    assert cancel.status_code == 401
+
+
+def test_every_response_carries_the_security_headers(secured_app: SecuredApp) -> None:
+    from webapp.http_guard import SECURITY_HEADERS
+
+    base = secured_app.url.rstrip("/")
+    admin, _ = _login(secured_app, "boss", ADMIN_PW)
+    responses = [httpx.get(base + "/", timeout=10), httpx.get(base + "/config", timeout=10),
+                 httpx.get(base + "/assets/nothing-here.js", timeout=10),
+                 httpx.post(base + "/login", data={"username": "boss", "password": "wrong password!"}, timeout=10),
+                 httpx.post(base + "/gradio_api/cancel", json={}, timeout=10),
+                 admin.get("/"), admin.get("/config"), admin.get("/facelab/download/" + "x" * 32),
+                 admin.get("/gradio_api/file=/etc/passwd"), admin.delete("/config")]
+    assert {r.status_code for r in responses} >= {200, 401, 404}
+    for response in responses:
+        for name, value in SECURITY_HEADERS.items():
+            assert response.headers.get(name) == value, (response.request.url, response.status_code, name)
+    assert "frame-ancestors 'none'" in responses[0].headers["content-security-policy"]
+
+
+def test_login_is_throttled_per_address_so_nobody_can_lock_an_owner_out(secured_app: SecuredApp) -> None:
+    attacker, owner, colleague = "10.66.0.1", "10.0.0.5", "10.0.0.9"
+    for _ in range(10):  # the attacker guesses the admin's password
+        assert _login(secured_app, "boss", "not the password", attacker)[1] == 400
+    assert _login(secured_app, "boss", ADMIN_PW, attacker)[1] == 400  # refused from there, even the right one
+    assert _login(secured_app, "boss", ADMIN_PW, owner)[1] == 200  # the owner is not locked out
+    for n in range(10):  # the same address tries other names
+        assert _login(secured_app, f"made-up-{n}", "not the password", attacker)[1] == 400
+    assert _login(secured_app, "lena", LABELER_PW, attacker)[1] == 400  # that address: no name at all
+    assert _login(secured_app, "lena", LABELER_PW, colleague)[1] == 200
+
+
+def test_an_export_is_served_once_and_only_to_the_admin_who_made_it(secured_app: SecuredApp, tmp_path: Path) -> None:
+    import tempfile
+    import zipfile
+
+    data_dir = secured_app.settings.data_dir
+    temp_before = set(Path(tempfile.gettempdir()).iterdir())
+    admin = Client(secured_app.url, auth=("boss", ADMIN_PW), verbose=False)
+    link, message = admin.predict("yolo", False, api_name="/export_dataset")
+    token = re.search(r"facelab/download/([A-Za-z0-9_-]{32})", link).group(1)
+    assert "Exported 1 image" in message and token not in message
+    pending = sorted(p.name for p in (data_dir / "exports").iterdir())
+    assert pending == [f"{token}.json", f"{token}.zip"]  # inside the data folder, nowhere else
+    assert not [p for p in (data_dir / "ui-cache").rglob("*.zip")]
+    assert not {p for p in Path(tempfile.gettempdir()).iterdir() if "export" in p.name} - temp_before
+
+    path = f"/facelab/download/{token}"
+    assert httpx.get(secured_app.url.rstrip("/") + path, timeout=10).status_code == 401  # anonymous
+    labeler, _ = _login(secured_app, "lena", LABELER_PW)
+    assert labeler.get(path).status_code == 403  # a labeler may not export at all
+    other, _ = _login(secured_app, "other-admin", ADMIN_PW)
+    assert other.get(path).status_code == 404  # another admin: not theirs
+    owner, _ = _login(secured_app, "boss", ADMIN_PW)
+    response = owner.get(path)
+    assert response.status_code == 200, response.text
+    assert "attachment" in response.headers["content-disposition"] and "no-store" in response.headers["cache-control"]
+    (tmp_path / "got.zip").write_bytes(response.content)
+    with zipfile.ZipFile(tmp_path / "got.zip") as zf:
+        assert "facelab.json" in zf.namelist() and any(n.startswith("labels/") for n in zf.namelist())
+    assert owner.get(path).status_code == 404  # once
+    assert not list((data_dir / "exports").iterdir())  # and deleted after sending
+
+    # the uploaded archive of an import does not stay behind either
+    imported = admin.predict(handle_file(str(tmp_path / "got.zip")), "auto", api_name="/import_dataset")
+    assert "already stored" in str(imported), imported
+    assert not [p for p in (data_dir / "ui-cache").rglob("*.zip")]
+
+
+@pytest.mark.browser
+def test_the_app_works_in_chromium_under_its_security_policy(secured_app: SecuredApp, tmp_path: Path) -> None:
+    """Debian's Chromium (Playwright), scripted: log in, open every tab, export and
+    download the dataset through the link. The page must run with the app's
+    Content-Security-Policy without a single violation."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("/usr/bin/chromium is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        context.set_default_timeout(60_000)
+        context.add_init_script("window.__csp = []; document.addEventListener('securitypolicyviolation', "
+                                "e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
+        page = context.new_page()
+        page.goto(secured_app.url)
+        page.fill("input[type=text]", "boss")
+        page.fill("input[type=password]", ADMIN_PW)
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#status-line")
+        for tab in ("Detect", "Label", "Search", "People", "Train", "Data"):
+            page.get_by_role("tab", name=tab).click()
+            page.wait_for_timeout(1000)  # let the tab's load events render
+        page.locator("#export-button").click()
+        link = page.locator("#export-file a")
+        link.wait_for()
+        with page.expect_download() as download:
+            link.click()
+        saved = tmp_path / download.value.suggested_filename
+        download.value.save_as(saved)
+        assert saved.name.startswith("facelab-yolo-") and saved.stat().st_size > 1000
+        assert page.evaluate("window.__csp") == []
+        headers = page.request.get(secured_app.url).headers
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+        browser.close()

@@ -136,6 +136,54 @@ def test_api_parameters_out_of_range_or_of_the_wrong_type(app: tuple[str, Path])
     assert {row[1] for row in results["data"]} >= {XSS_NAME}
 
 
+def _app_process(url: str):  # noqa: ANN202 - a psutil.Process
+    """The `python app.py ... --port PORT` process this test session started for ``url``."""
+    import psutil
+
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    for child in psutil.Process().children(recursive=True):
+        cmdline = child.cmdline()
+        if "app.py" in cmdline and port in cmdline:
+            return child
+    raise AssertionError(f"no app process on port {port}")
+
+
+def _peak_rss_mb(process) -> float:  # noqa: ANN001
+    """The process's peak resident memory so far (VmHWM), in MiB."""
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_search_refuses_a_pixel_bomb_before_decoding_it(app: tuple[str, Path], tmp_path: Path) -> None:
+    """A 164 KB PNG of 13000 x 13000 pixels (507 MB as RGB): /search used to hand it to
+    Gradio's gr.Image, which decoded it before FaceLab saw it (9 s, ~650 MB). Now FaceLab
+    reads the header and refuses it; the app's peak memory does not move."""
+    from tests.conftest import huge_png
+
+    url, photos = app
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(huge_png(13000, 13000))
+    assert len(bomb.read_bytes()) < 200_000
+    process = _app_process(url)
+    client = Client(url, verbose=False)
+    client.predict(handle_file(str(photos / "query.jpg")), 5, 0.0, api_name="/search")  # a normal search first
+    before = _peak_rss_mb(process)
+    message = _refused(client, handle_file(str(bomb)), 5, 0.5, api_name="/search",
+                       expect=r"13000x13000 = 169\.0 megapixels; the limit is 50\.0 megapixels")
+    grown = _peak_rss_mb(process) - before
+    print(f"pixel bomb on /search: {message!r}; peak memory of the app grew by {grown:.1f} MiB")
+    assert grown < 100, grown  # decoding it takes 169 MB as grayscale, 507 MB as RGB
+    # empty and text files: a clear message, not a bare "Error"
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not a photo at all")
+    _refused(client, handle_file(str(tmp_path / "empty.jpg")), 5, 0.5, api_name="/search",
+             expect=r"the file is empty \(0 bytes\)")
+    _refused(client, handle_file(str(tmp_path / "notes.txt")), 5, 0.5, api_name="/search",
+             expect=r"not an image, or a format this app does not accept")
+
+
 # -- the running app in a real browser ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def page(app: tuple[str, Path]):  # noqa: ANN201 - a Playwright page

@@ -6,8 +6,7 @@ result onto components.
 
 from __future__ import annotations
 
-import html
-import tempfile
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,60 +22,61 @@ from pipeline.clustering import (
     remove_group_from_person,
     split_person,
 )
-from pipeline import auth
+from pipeline import downloads
 from pipeline.context import Lab
 from pipeline.errors import FaceLabError
 from pipeline.export import export_dataset
 from pipeline.import_data import ImportRejected, import_dataset
-from pipeline.views import md
+from pipeline.views import forget_uploads, md
+from webapp.endpoints import Endpoints
+
+#: where webapp.http_guard serves exports (relative: the link works under any root path)
+DOWNLOAD_PATH = "facelab/download/"
 
 EXPORT_CHOICES = [("YOLO (labels/*.txt)", "yolo"), ("COCO JSON", "coco"), ("Pascal VOC (XML)", "voc")]
 IMPORT_CHOICES = [("Detect automatically", "auto"), ("Pascal VOC", "voc"), ("YOLO", "yolo"), ("COCO JSON", "coco")]
 
 
-def _user_error(exc: FaceLabError) -> gr.Error:
-    return gr.Error(html.escape(str(exc)), print_exception=False)
+def build_data_tab(lab: Lab, endpoint: Endpoints) -> None:
+    """Create the tab's components inside the caller's ``gr.Tab("Data")``. Every callback
+    is declared with ``endpoint`` (webapp/endpoints.py), which checks the role first."""
+    _export_section(lab, endpoint)
+    _import_section(lab, endpoint)
+    _cluster_section(lab, endpoint)
 
 
-def _allow(lab: Lab, request: gr.Request, api_name: str) -> None:
-    """Refuse the call unless the logged-in user's role may use this endpoint."""
-    try:
-        auth.require_endpoint(lab, getattr(request, "username", None), api_name)
-    except FaceLabError as exc:
-        raise gr.Error(html.escape(str(exc)), print_exception=False) from exc
-
-
-def build_data_tab(lab: Lab) -> None:
-    """Create the tab's components inside the caller's ``gr.Tab("Data")``."""
-    _export_section(lab)
-    _import_section(lab)
-    _cluster_section(lab)
-
-
-def _export_section(lab: Lab) -> None:
+def _export_section(lab: Lab, endpoint: Endpoints) -> None:
     gr.Markdown("### Export labels as a dataset")
     with gr.Row():
         fmt = gr.Dropdown(EXPORT_CHOICES, value="yolo", label="Format", elem_id="export-format")
         reviewed = gr.Checkbox(label="Only faces a person accepted", elem_id="export-reviewed")
         button = gr.Button("Export", variant="primary", elem_id="export-button")
-    file = gr.File(label="Dataset zip", interactive=False, elem_id="export-file")
+    # a link, not a gr.File: the zip holds every face and name, so it stays in the data
+    # folder and is served once, to the user who asked (pipeline.downloads)
+    link = gr.Markdown(elem_id="export-file")
     message = gr.Markdown(elem_id="export-message")
 
-    def on_export(chosen: str, reviewed_only: bool, request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple[Any, str]:
-        _allow(lab, request, "export_dataset")  # roles are enforced here, server-side
-        folder = Path(tempfile.mkdtemp(prefix="facelab-export-"))  # Gradio serves files from the temp dir
-        out = folder / f"facelab-{chosen}-{datetime.now():%Y%m%d-%H%M%S}.zip"
+    @endpoint("export_dataset")
+    def on_export(chosen: str, reviewed_only: bool, request: gr.Request,
+                  progress: gr.Progress = gr.Progress()) -> tuple[str, str]:
+        user = endpoint.allow("export_dataset", request)
+        kind = re.sub(r"[^a-z]", "", str(chosen))[:8] or "dataset"
+        offer = downloads.reserve(lab, user, f"facelab-{kind}-{datetime.now():%Y%m%d-%H%M%S}.zip")
         try:
-            report = export_dataset(lab, chosen, out, "reviewed" if reviewed_only else "all",
+            report = export_dataset(lab, chosen, offer.path, "reviewed" if reviewed_only else "all",
                                     progress=lambda f, text: progress(f, desc=text))
-        except FaceLabError as exc:
-            raise _user_error(exc) from exc
-        return str(report.path), md(report.summary())
+            downloads.publish(lab, offer)
+        except BaseException:
+            downloads.withdraw(lab, offer)
+            raise
+        minutes = downloads.TTL_S // 60
+        return (f"[Download {offer.filename}]({DOWNLOAD_PATH}{offer.token}) (for you only, once, "
+                f"within {minutes} minutes)", md(report.summary().replace(offer.path.name, offer.filename)))
 
-    button.click(on_export, inputs=[fmt, reviewed], outputs=[file, message], api_name="export_dataset")
+    button.click(on_export, inputs=[fmt, reviewed], outputs=[link, message], api_name=on_export.api_name)
 
 
-def _import_section(lab: Lab) -> None:
+def _import_section(lab: Lab, endpoint: Endpoints) -> None:
     gr.Markdown("### Import a labelled dataset\nA zip in Pascal VOC, YOLO or COCO format. "
                 "Everything is checked first; if anything is wrong, nothing is imported. "
                 "(Folders: `python app.py import FOLDER`.)")
@@ -86,24 +86,28 @@ def _import_section(lab: Lab) -> None:
         button = gr.Button("Import", variant="primary", elem_id="import-button")
     message = gr.Markdown(elem_id="import-message")
 
-    def on_import(path: str | None, chosen: str, request: gr.Request, progress: gr.Progress = gr.Progress()) -> str:
-        _allow(lab, request, "import_dataset")  # roles are enforced here, server-side
+    @endpoint("import_dataset")
+    def on_import(path: str | None, chosen: str, request: gr.Request,
+                  progress: gr.Progress = gr.Progress()) -> tuple[str, None]:
+        user = endpoint.allow("import_dataset", request)
         if not path:
             raise gr.Error("Choose a dataset zip first.", print_exception=False)
         try:
-            report = import_dataset(lab, Path(path), None if chosen == "auto" else chosen,
+            report = import_dataset(lab, Path(path), None if chosen == "auto" else chosen, user=user,
                                     progress=lambda f, text: progress(f, desc=text))
         except ImportRejected as exc:
             head = str(exc).splitlines()[0]
-            return "\n".join([f"**{md(head)}**", *(f"- {md(p)}" for p in exc.problems[:50])])
+            return "\n".join([f"**{md(head)}**", *(f"- {md(p)}" for p in exc.problems[:50])]), None
         except FaceLabError as exc:
-            return f"**Nothing was imported.** {md(exc)}"
-        return "\n".join([md(report.summary()), *(f"- {md(note)}" for note in report.notes)])
+            return f"**Nothing was imported.** {md(exc)}", None
+        finally:  # imported or refused: the uploaded archive (faces, names) is not kept
+            forget_uploads(lab, [path])
+        return "\n".join([md(report.summary()), *(f"- {md(note)}" for note in report.notes)]), None
 
-    button.click(on_import, inputs=[upload, fmt], outputs=[message], api_name="import_dataset")
+    button.click(on_import, inputs=[upload, fmt], outputs=[message, upload], api_name=on_import.api_name)
 
 
-def _cluster_section(lab: Lab) -> None:
+def _cluster_section(lab: Lab, endpoint: Endpoints) -> None:
     gr.Markdown("### Groups of faces\nFind groups of unknown faces that look like one person and name each "
                 "group at once, or split a person's faces into groups to find wrongly named ones.")
     with gr.Row():
@@ -134,25 +138,20 @@ def _cluster_section(lab: Lab) -> None:
 
     outputs = [groups_gallery, members, group_number, groups, message]
 
-    def on_find(sim: float, needed: float, request: gr.Request) -> tuple[Any, ...]:
-        _allow(lab, request, "cluster_faces")  # roles are enforced here, server-side
-        try:
-            clusters = cluster_unknown_faces(lab, float(sim), int(needed))
-        except FaceLabError as exc:
-            raise _user_error(exc) from exc
+    @endpoint("cluster_faces")
+    def on_find(sim: float, needed: float) -> tuple[Any, ...]:
+        clusters = cluster_unknown_faces(lab, float(sim), int(needed))
         faces = sum(c.size for c in clusters)
         return show(clusters, f"{len(clusters)} group(s) covering {faces} unknown face(s)." if clusters
                     else "No group found: too few similar unknown faces (lower the similarity or the faces needed).")
 
-    def on_split(who: str, sim: float, request: gr.Request) -> tuple[Any, ...]:
-        _allow(lab, request, "split_person")  # roles are enforced here, server-side
-        try:
-            clusters = split_person(lab, who, float(sim))
-        except FaceLabError as exc:
-            raise _user_error(exc) from exc
+    @endpoint("split_person")
+    def on_split(who: str, sim: float) -> tuple[Any, ...]:
+        clusters = split_person(lab, who, float(sim))
         verdict = "looks like one person" if len(clusters) <= 1 else "falls into several groups: check the small ones"
         return show(clusters, f"**{md(who)}**: {sum(c.size for c in clusters)} face(s); {verdict}.")
 
+    @endpoint("cluster_pick_group")
     def on_select(ids: list[list[int]], event: gr.SelectData) -> tuple[Any, ...]:
         if not ids or event.index >= len(ids):
             return gr.update(), gr.update()
@@ -163,26 +162,21 @@ def _cluster_section(lab: Lab) -> None:
             raise gr.Error("Pick a group first: find groups, then click one.", print_exception=False)
         return ids[int(number) - 1]
 
-    def on_name(ids: list[list[int]], number: float | None, who: str, request: gr.Request) -> str:
-        _allow(lab, request, "name_group")  # roles are enforced here, server-side
-        try:
-            result = name_cluster(lab, chosen(ids, number), who)
-        except FaceLabError as exc:
-            raise _user_error(exc) from exc
+    @endpoint("name_group")
+    def on_name(ids: list[list[int]], number: float | None, who: str) -> str:
+        result = name_cluster(lab, chosen(ids, number), who)
         text = f"Named {len(result.named)} face(s) **{md(result.person.name)}** ({result.person.face_count} in all)."
         if result.skipped:
             text += f" Left {len(result.skipped)} face(s) alone: they are named as someone else."
         return text + " Find groups again to refresh."
 
-    def on_remove(ids: list[list[int]], number: float | None, request: gr.Request) -> str:
-        _allow(lab, request, "remove_group_name")  # roles are enforced here, server-side
-        try:
-            return md(remove_group_from_person(lab, chosen(ids, number)))
-        except FaceLabError as exc:
-            raise _user_error(exc) from exc
+    @endpoint("remove_group_name")
+    def on_remove(ids: list[list[int]], number: float | None) -> str:
+        return md(remove_group_from_person(lab, chosen(ids, number)))
 
-    find.click(on_find, inputs=[threshold, min_faces], outputs=outputs, api_name="cluster_faces")
-    split.click(on_split, inputs=[person, threshold], outputs=outputs, api_name="split_person")
-    groups_gallery.select(on_select, inputs=[groups], outputs=[members, group_number], api_visibility="private")
-    name_button.click(on_name, inputs=[groups, group_number, name], outputs=[message], api_name="name_group")
-    remove_button.click(on_remove, inputs=[groups, group_number], outputs=[message], api_name="remove_group_name")
+    find.click(on_find, inputs=[threshold, min_faces], outputs=outputs, api_name=on_find.api_name)
+    split.click(on_split, inputs=[person, threshold], outputs=outputs, api_name=on_split.api_name)
+    groups_gallery.select(on_select, inputs=[groups], outputs=[members, group_number], api_name=on_select.api_name,
+                          api_visibility="private")
+    name_button.click(on_name, inputs=[groups, group_number, name], outputs=[message], api_name=on_name.api_name)
+    remove_button.click(on_remove, inputs=[groups, group_number], outputs=[message], api_name=on_remove.api_name)

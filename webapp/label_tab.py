@@ -27,6 +27,7 @@ from gradio_image_annotation import image_annotator
 from pipeline import auth, privacy, review
 from pipeline.context import Lab
 from pipeline.errors import FaceLabError
+from webapp.endpoints import Endpoints
 
 SHORTCUTS = (
     "**Keys** (outside text fields): **S** save · **N** save & next · **K** skip · **U** undo · "
@@ -140,8 +141,9 @@ def _serve_folder() -> Path:
     return folder
 
 
-def build_label_tab(lab: Lab) -> None:
-    """Create the Label tab's components inside the caller's ``gr.Tab("Label")``."""
+def build_label_tab(lab: Lab, endpoint: Endpoints) -> None:
+    """Create the Label tab's components inside the caller's ``gr.Tab("Label")``. Every
+    callback is declared with ``endpoint`` (webapp/endpoints.py), which checks the role first."""
     tab = gr.context.Context.block  # the enclosing Tab, to load an image when it is opened
     current = gr.State(None)
     last_image = gr.BrowserState(None, storage_key="facelab-label-last-image")
@@ -244,8 +246,9 @@ def build_label_tab(lab: Lab) -> None:
 
         return shown(run)
 
-    open_btn.click(on_open, [image_id, *filters], view_outputs, api_name="label_load")
-    image_id.submit(on_open, [image_id, *filters], view_outputs, api_visibility="private")
+    open_btn.click(endpoint("label_load")(on_open), [image_id, *filters], view_outputs, api_name="label_load")
+    image_id.submit(endpoint("label_load_typed")(on_open), [image_id, *filters], view_outputs,
+                    api_name="label_load_typed", api_visibility="private")
 
     def on_tab(cur: dict | None, remembered: int | None, st: str, unk: bool, who: str, score: float,
                request: gr.Request) -> tuple[Any, ...]:
@@ -263,48 +266,53 @@ def build_label_tab(lab: Lab) -> None:
         return shown(first)
 
     if isinstance(tab, gr.Tab):
-        tab.select(on_tab, [current, last_image, *filters], view_outputs, api_visibility="private")
+        tab.select(endpoint("label_tab_open")(on_tab), [current, last_image, *filters], view_outputs,
+                   api_name="label_tab_open", api_visibility="private")
 
     # -- saving -------------------------------------------------------------------------
     def on_save(cur: dict | None, value: dict | None, request: gr.Request) -> tuple[Any, ...]:
         return shown(lambda: review.save(lab, cur, value, allowed(request, "label_save")))
 
-    save_btn.click(on_save, [current, annotator], view_outputs, api_name="label_save")
+    save_btn.click(endpoint("label_save")(on_save), [current, annotator], view_outputs, api_name="label_save")
 
     def on_next(cur: dict | None, value: dict | None, st: str, unk: bool, who: str, score: float,
                 request: gr.Request) -> tuple[Any, ...]:
         return shown(lambda: review.save_and_next(lab, cur, value, _filters(st, unk, who, score), allowed(request, "label_next")))
 
-    next_btn.click(on_next, [current, annotator, *filters], view_outputs, api_name="label_next")
+    next_btn.click(endpoint("label_next")(on_next), [current, annotator, *filters], view_outputs, api_name="label_next")
 
     def on_skip(cur: dict | None, st: str, unk: bool, who: str, score: float, request: gr.Request) -> tuple[Any, ...]:
         return shown(lambda: review.skip(lab, cur, _filters(st, unk, who, score), allowed(request, "label_skip")))
 
-    skip_btn.click(on_skip, [current, *filters], view_outputs, api_name="label_skip")
+    skip_btn.click(endpoint("label_skip")(on_skip), [current, *filters], view_outputs, api_name="label_skip")
 
     def on_undo(cur: dict | None, request: gr.Request) -> tuple[Any, ...]:
         return shown(lambda: review.undo(lab, cur, allowed(request, "label_undo")))
 
-    undo_btn.click(on_undo, [current], view_outputs, api_name="label_undo")
+    undo_btn.click(endpoint("label_undo")(on_undo), [current], view_outputs, api_name="label_undo")
 
     def on_name(cur: dict | None, value: dict | None, face: int | None, typed: str,
                 request: gr.Request) -> tuple[Any, ...]:
         return shown(lambda: review.name_box(lab, cur, value, face, typed, allowed(request, "label_name")))
 
     name_inputs = [current, annotator, picker, name]
-    name_btn.click(on_name, name_inputs, view_outputs, api_name="label_name").success(
-        lambda: "", None, name, api_visibility="private", queue=False)
-    name.submit(on_name, name_inputs, view_outputs, api_visibility="private").success(
-        lambda: "", None, name, api_visibility="private", queue=False)
+    name_btn.click(endpoint("label_name")(on_name), name_inputs, view_outputs, api_name="label_name").success(
+        endpoint("label_name_clear")(lambda: ""), None, name, api_name="label_name_clear", api_visibility="private",
+        queue=False)
+    name.submit(endpoint("label_name_typed")(on_name), name_inputs, view_outputs, api_name="label_name_typed",
+                api_visibility="private").success(
+        endpoint("label_name_typed_clear")(lambda: ""), None, name, api_name="label_name_typed_clear",
+        api_visibility="private", queue=False)
 
     def accept(rank: int) -> Any:
         def on_accept(cur: dict | None, value: dict | None, face: int | None, request: gr.Request) -> tuple[Any, ...]:
-            return shown(lambda: review.accept_suggestion(lab, cur, value, face, rank, allowed(request, "label_accept")))
+            return shown(lambda: review.accept_suggestion(lab, cur, value, face, rank, allowed(request, f"label_accept_{rank}")))
 
         return on_accept
 
     for rank, button in enumerate(suggest_btns, start=1):
-        button.click(accept(rank), [current, annotator, picker], view_outputs, api_visibility="private")
+        button.click(endpoint(f"label_accept_{rank}")(accept(rank)), [current, annotator, picker], view_outputs,
+                     api_name=f"label_accept_{rank}", api_visibility="private")
 
     # -- box selection (no database calls) -------------------------------------------------
     def editor_update(cur: dict, boxes: list[dict]) -> Any:
@@ -318,7 +326,8 @@ def build_label_tab(lab: Lab) -> None:
     def on_pick(cur: dict | None, face: int | None) -> list[Any]:
         return [gr.update(value=t or " ", visible=bool(t)) for t in review.select_box(cur, face)]
 
-    picker.change(on_pick, [current, picker], suggest_btns, api_visibility="private", queue=False)
+    picker.change(endpoint("label_pick_box")(on_pick), [current, picker], suggest_btns, api_name="label_pick_box",
+                  api_visibility="private", queue=False)
 
     def select(cur: dict | None, value: dict | None, face: int | None) -> tuple[Any, Any]:
         """Select ``face``: the picker shows it and the photo draws it in magenta."""
@@ -331,11 +340,12 @@ def build_label_tab(lab: Lab) -> None:
     def on_step(cur: dict | None, face: int | None, value: dict | None, step: int) -> tuple[Any, Any]:
         return select(cur, value, review.step_box(cur, face, step))
 
-    for button, step in ((prev_box_btn, -1), (next_box_btn, 1)):
-        button.click(partial(on_step, step=step), [current, picker, annotator], [picker, annotator],
-                     api_visibility="private", queue=False)
-    picker.input(lambda cur, face, value: select(cur, value, face), [current, picker, annotator],
-                 [picker, annotator], api_visibility="private", queue=False)
+    for button, step, api_name in ((prev_box_btn, -1, "label_prev_box"), (next_box_btn, 1, "label_next_box")):
+        button.click(endpoint(api_name)(partial(on_step, step=step)), [current, picker, annotator],
+                     [picker, annotator], api_name=api_name, api_visibility="private", queue=False)
+    picker.input(endpoint("label_select_box")(lambda cur, face, value: select(cur, value, face)),
+                 [current, picker, annotator], [picker, annotator], api_name="label_select_box",
+                 api_visibility="private", queue=False)
 
     def on_remove(cur: dict | None, value: dict | None, face: int | None) -> tuple[Any, Any]:
         try:
@@ -344,8 +354,8 @@ def build_label_tab(lab: Lab) -> None:
             raise _user_error(exc) from exc
         return editor_update(cur, boxes), chosen
 
-    remove_box_btn.click(on_remove, [current, annotator, picker], [annotator, picker],
-                         api_visibility="private", queue=False)
+    remove_box_btn.click(endpoint("label_remove_box")(on_remove), [current, annotator, picker], [annotator, picker],
+                         api_name="label_remove_box", api_visibility="private", queue=False)
 
     def on_row(cur: dict | None, value: dict | None, event: gr.SelectData) -> tuple[Any, Any]:
         row = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
@@ -354,7 +364,8 @@ def build_label_tab(lab: Lab) -> None:
             return gr.skip(), gr.skip()
         return select(cur, value, order[row])
 
-    table.select(on_row, [current, annotator], [picker, annotator], api_visibility="private", queue=False)
+    table.select(endpoint("label_table_select")(on_row), [current, annotator], [picker, annotator],
+                 api_name="label_table_select", api_visibility="private", queue=False)
 
     # -- side information -------------------------------------------------------------------
     def on_history(cur: dict | None, request: gr.Request) -> list[list[Any]]:
@@ -364,8 +375,9 @@ def build_label_tab(lab: Lab) -> None:
         except FaceLabError as exc:
             raise _user_error(exc) from exc
 
-    history_btn.click(on_history, [current], history, api_name="label_history")
-    history_box.expand(on_history, [current], history, api_visibility="private")
+    history_btn.click(endpoint("label_history")(on_history), [current], history, api_name="label_history")
+    history_box.expand(endpoint("label_history_open")(on_history), [current], history, api_name="label_history_open",
+                       api_visibility="private")
 
     def on_counts(request: gr.Request) -> str:
         try:
@@ -374,4 +386,4 @@ def build_label_tab(lab: Lab) -> None:
         except FaceLabError as exc:
             raise _user_error(exc) from exc
 
-    counts_btn.click(on_counts, None, counts, api_name="label_counts")
+    counts_btn.click(endpoint("label_counts")(on_counts), None, counts, api_name="label_counts")

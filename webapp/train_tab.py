@@ -10,7 +10,6 @@ rolling back need the "train" permission (admins); watching needs "view".
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,10 @@ import gradio as gr
 import pandas as pd
 from PIL import Image as PILImage
 
-from pipeline import auth, registry, training
+from pipeline import registry, training
 from pipeline.context import Lab
-from pipeline.errors import FaceLabError
 from pipeline.views import md
+from webapp.endpoints import Endpoints
 
 MODEL_HEADERS = ["id", "kind", "name", "version", "in use", "created", "run", "key metrics"]
 RESULT_HEADERS = ["metric", "in use", "candidate", "change"]
@@ -33,17 +32,6 @@ faces. A part of the data (whole images / whole people) is held out; the new mod
 model in use are both measured on it. Nothing changes for anyone until an admin promotes the
 new model below; a rollback returns to any earlier one. Without a GPU, training runs on the
 CPU with small settings (expect a weak model from a few minutes of CPU time)."""
-
-
-def _user_error(exc: FaceLabError) -> gr.Error:
-    return gr.Error(html.escape(str(exc)), print_exception=False)
-
-
-def _allowed(lab: Lab, request: gr.Request | None, action: str) -> str:
-    try:
-        return auth.require(lab, getattr(request, "username", None), action)
-    except FaceLabError as exc:
-        raise _user_error(exc) from exc
 
 
 # -- what the tab shows ------------------------------------------------------------------
@@ -150,8 +138,9 @@ def in_use_markdown(lab: Lab) -> str:
 
 
 # -- the tab --------------------------------------------------------------------------------
-def build_train_tab(lab: Lab) -> None:
-    """Create the tab's components inside the caller's ``gr.Tab("Train")``."""
+def build_train_tab(lab: Lab, endpoint: Endpoints) -> None:
+    """Create the tab's components inside the caller's ``gr.Tab("Train")``. Every callback
+    is declared with ``endpoint`` (webapp/endpoints.py), which checks the role first."""
     gr.Markdown(INTRO)
     with gr.Row():
         kind = gr.Radio(["detector", "embedder"], value="detector", label="Model to train", elem_id="train-kind")
@@ -168,9 +157,11 @@ def build_train_tab(lab: Lab) -> None:
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
         cancel = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
-    status = gr.Markdown(lambda: status_markdown(training.read_job(lab)), elem_id="train-status")
-    bar = gr.HTML(lambda: progress_html(training.read_job(lab)), elem_id="train-progress")
-    history = gr.Dataframe(lambda: history_frame(training.read_job(lab)), label="Epochs (loss and validation)",
+    # filled when a page opens (train_page_load below), after the role check: a callable
+    # value would make an undeclared page-load endpoint that anyone logged in could call
+    status = gr.Markdown(elem_id="train-status")
+    bar = gr.HTML(progress_html(None), elem_id="train-progress")
+    history = gr.Dataframe(history_frame(None), label="Epochs (loss and validation)",
                            interactive=False, elem_id="train-history", max_height=260)
 
     gr.Markdown("### Candidate vs model in use (same held-out data)")
@@ -183,8 +174,8 @@ def build_train_tab(lab: Lab) -> None:
                          elem_id="train-plots")
 
     gr.Markdown("### Models (admin)")
-    in_use = gr.Markdown(lambda: in_use_markdown(lab), elem_id="train-in-use")
-    models = gr.Dataframe(lambda: models_frame(lab), label="Registered models", interactive=False,
+    in_use = gr.Markdown(elem_id="train-in-use")
+    models = gr.Dataframe(pd.DataFrame(columns=MODEL_HEADERS), label="Registered models", interactive=False,
                           elem_id="train-models")
     with gr.Row():
         version = gr.Number(label="Version id (0: none)", precision=0, value=0, elem_id="train-version")
@@ -205,32 +196,34 @@ def build_train_tab(lab: Lab) -> None:
     timer = gr.Timer(POLL_SECONDS)
 
     # -- callbacks ---------------------------------------------------------------------
+    @endpoint("train_page_load")
+    def on_page_load() -> tuple[Any, ...]:
+        job = training.read_job(lab)
+        return status_markdown(job), progress_html(job), history_frame(job), in_use_markdown(lab), models_frame(lab)
+
+    gr.context.Context.root_block.load(on_page_load, None, [status, bar, history, in_use, models],
+                                       api_name=on_page_load.api_name, api_visibility="private")
+
+    @endpoint("train_start")
     def on_start(k: str, ep: float | None, mins: float | None, vf: float, net: str | None, size: float | None,
-                 bs: float | None, sd: float | None, request: gr.Request) -> tuple[Any, ...]:
-        _allowed(lab, request, "train")
+                 bs: float | None, sd: float | None) -> tuple[Any, ...]:
         req = training.TrainRequest(
             kind=k, epochs=int(ep) if ep else None, minutes=float(mins) if mins else None, val_fraction=float(vf),
             model=net or None, imgsz=int(size) if size else None, batch=int(bs) if bs else None, seed=int(sd or 0))
-        try:
-            job = training.start_training(lab, req)
-        except FaceLabError as exc:
-            raise _user_error(exc) from exc
+        job = training.start_training(lab, req)
         return status_markdown(job), progress_html(job), history_frame(job)
 
     start.click(on_start, [kind, epochs, minutes, val_fraction, arch, imgsz, batch, seed], [status, bar, history],
-                api_name="train_start")
+                api_name=on_start.api_name)
 
-    def on_cancel(request: gr.Request) -> str:
-        _allowed(lab, request, "train")
-        try:
-            return md(training.cancel_training(lab))
-        except FaceLabError as exc:
-            raise _user_error(exc) from exc
+    @endpoint("train_cancel")
+    def on_cancel() -> str:
+        return md(training.cancel_training(lab))
 
-    cancel.click(on_cancel, outputs=[status], api_name="train_cancel")
+    cancel.click(on_cancel, outputs=[status], api_name=on_cancel.api_name)
 
-    def on_tick(key: str, request: gr.Request) -> tuple[Any, ...]:
-        _allowed(lab, request, "view")
+    @endpoint("train_tick")
+    def on_tick(key: str) -> tuple[Any, ...]:
         job = training.read_job(lab)
         new_key = "" if job is None else f"{job.job_id}:{job.status}:{len(job.history)}"
         head = (status_markdown(job), progress_html(job))
@@ -246,47 +239,41 @@ def build_train_tab(lab: Lab) -> None:
                 models_frame(lab), in_use_markdown(lab), new_key)
 
     timer.tick(on_tick, [last_key], [status, bar, history, runs, note, results, gallery, models, in_use, last_key],
-               show_progress="hidden", api_visibility="private")
+               show_progress="hidden", api_name=on_tick.api_name, api_visibility="private")
 
-    def on_run(run_id: str | None, request: gr.Request) -> tuple[Any, ...]:
-        _allowed(lab, request, "view")
+    @endpoint("train_run")
+    def on_run(run_id: str | None) -> tuple[Any, ...]:
         frame, text, plots = run_results(lab, run_id)
         return text, frame, plots
 
-    runs.input(on_run, [runs], [note, results, gallery], api_name="train_run")
+    runs.input(on_run, [runs], [note, results, gallery], api_name=on_run.api_name)
 
+    @endpoint("train_promote")
     def on_promote(vid: float | None, sure: bool, request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
-        user = _allowed(lab, request, "train")
+        user = endpoint.allow("train_promote", request)
         if not vid:
             raise gr.Error("Type the id of the version to promote (first column of the table).", print_exception=False)
         if not sure:
             raise gr.Error("Tick the box to confirm: this switches the model for everyone.", print_exception=False)
-        try:
-            text = registry.promote(lab, int(vid), lambda f, t: progress(f, desc=t), user=user)
-        except FaceLabError as exc:
-            raise _user_error(exc) from exc
+        text = registry.promote(lab, int(vid), lambda f, t: progress(f, desc=t), user=user)
         return md(text), models_frame(lab), in_use_markdown(lab)
 
-    promote.click(on_promote, [version, confirm], [model_message, models, in_use], api_name="train_promote")
+    promote.click(on_promote, [version, confirm], [model_message, models, in_use], api_name=on_promote.api_name)
 
+    @endpoint("train_rollback")
     def on_rollback(k: str, vid: float | None, sure: bool, request: gr.Request,
                     progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
-        user = _allowed(lab, request, "train")
+        user = endpoint.allow("train_rollback", request)
         if not sure:
             raise gr.Error("Tick the box to confirm: this switches the model for everyone.", print_exception=False)
-        try:
-            text = registry.rollback(lab, k, int(vid) if vid else None, lambda f, t: progress(f, desc=t), user=user)
-        except FaceLabError as exc:
-            raise _user_error(exc) from exc
+        text = registry.rollback(lab, k, int(vid) if vid else None, lambda f, t: progress(f, desc=t), user=user)
         return md(text), models_frame(lab), in_use_markdown(lab)
 
-    rollback.click(on_rollback, [rb_kind, version, confirm], [model_message, models, in_use], api_name="train_rollback")
+    rollback.click(on_rollback, [rb_kind, version, confirm], [model_message, models, in_use],
+                   api_name=on_rollback.api_name)
 
-    def on_preview(request: gr.Request) -> Any:
-        _allowed(lab, request, "view")
-        try:
-            return training.augmentation_preview_image(lab)
-        except FaceLabError as exc:
-            raise _user_error(exc) from exc
+    @endpoint("train_preview")
+    def on_preview() -> Any:
+        return training.augmentation_preview_image(lab)
 
-    preview.click(on_preview, outputs=[preview_image], api_name="train_preview")
+    preview.click(on_preview, outputs=[preview_image], api_name=on_preview.api_name)
