@@ -242,6 +242,7 @@ class FittedThreshold:
     value: float
     score: float  #: the metric it maximised, on the select split
     items: list[str]  #: keys of the images / faces it saw
+    best_at: float | None = None  #: where that maximum was, when a floor raised ``value`` above it
 
 
 def fit_detector_conf(
@@ -262,7 +263,8 @@ def fit_detector_conf(
     if not len(f1):
         return FittedThreshold(max(floor, 0.25), 0.0, list(keys))
     best = int(np.argmax(f1))
-    return FittedThreshold(max(floor, float(full.pr_scores[best])), float(f1[best]), list(keys))
+    at = float(full.pr_scores[best])
+    return FittedThreshold(max(floor, at), float(f1[best]), list(keys), best_at=at if at < floor else None)
 
 
 # ---------------------------------------------------------------------------- embedder

@@ -42,6 +42,7 @@ from pipeline.evaluate import (
 )
 from pipeline.training_data import (
     JobCancelled,
+    describe,
     detector_splits,
     embedder_splits,
     labelled_chipset,
@@ -252,7 +253,7 @@ class DetectorRun(TrainingRun):
             keys = [k for k in result.history[0] if k.startswith("train/")][:3] + ["metrics/mAP50(B)"]
             self.curves["training"] = str(plots.training_curves(
                 result.history, keys, self.plots_dir / "training_curves.png",
-                f"detector training (metrics on the {self.splits.label('select')})"))
+                f"detector training (metrics: select split, {describe(self.splits.sizes('select'))})"))
         self.run_doc.update({"train_seconds": result.seconds, "epochs_completed": result.epochs_completed,
                              "device": result.device, "torch_threads_training": threads, "history": result.history,
                              "ultralytics_val": result.metrics, "ultralytics_val_data": self.splits.label("select"),
@@ -272,7 +273,9 @@ class DetectorRun(TrainingRun):
                                    self.splits.keys("select"), self.reporter.event, self.reporter.should_stop)
         self.operating_conf = fitted.value
         self.record_stage("threshold", "select", fitted.items, value=fitted.value, best_f1=fitted.score,
-                          what="the candidate's confidence threshold at its best F1")
+                          what="the candidate's confidence threshold at its best F1"
+                               + (f" (best at {fitted.best_at:.4f}, raised to the 0.05 floor)"
+                                  if fitted.best_at is not None else ""))
 
     def compare(self) -> dict[str, Comparison]:
         data = self.splits.label("test")
@@ -373,7 +376,7 @@ class EmbedderRun(TrainingRun):
         if result.history:
             self.curves["training"] = str(plots.training_curves(
                 result.history, ["train_loss", "val_acc", "val_rank1"], self.plots_dir / "training_curves.png",
-                f"embedder training (val_* on the {self.splits.label('select')})"))
+                f"embedder training (val_*: select split, {describe(self.splits.sizes('select'))})"))
         self.run_doc.update({"train_seconds": result.seconds, "device": result.device, "history": result.history,
                              "torch_threads_training": threads, "best_select_metrics": result.best_metrics,
                              "teacher_select_metrics": result.teacher_metrics,

@@ -110,8 +110,8 @@ def history_frame(job: training.JobRecord | None) -> pd.DataFrame:
                 keep.append(k)
     cols = [k for k in keep if any(k in r for r in rows)]
     # every metric here is measured on the select split (it picks the checkpoint)
-    names = [("select " + c.replace("metrics/", "").replace("(B)", "").replace("val_", "")
-              if c.startswith(("metrics/", "val_")) else c) for c in cols]
+    names = [("select " + c.replace("metrics/", "").replace("(B)", "").replace("val_", "").replace("val/", "")
+              if c.startswith(("metrics/", "val_", "val/")) else c) for c in cols]
     return pd.DataFrame([[r.get(k, "") for k in cols] for r in rows], columns=names)
 
 
