@@ -16,10 +16,11 @@ candidate embedder's best-accuracy similarity threshold).
   operating threshold, best F1 over thresholds, AP50 and mAP50-95 (VOC interpolation,
   COCO IoUs, see ``models.evaluation.detection``), recall by face size; PR curve and
   F1-vs-confidence plots. A YOLO candidate runs at a low confidence (0.001) so its
-  curve is complete; its operating point is then read at the confidence it will be
-  deployed with.
-* Embedder (``compare_embeddings``): chips of the held-out identities (none of them
-  trained on), every same-identity pair plus as many random different-identity pairs;
+  curve is complete; its operating point is then read at the confidence fitted on the
+  select split (the one it is registered and deployed with).
+* Embedder (``compare_embeddings``): chips of the test identities (none of them
+  trained on or used for selection), every same-identity pair plus as many random
+  different-identity pairs;
   verification accuracy with the threshold chosen on 4/5 of the pairs and measured on
   the rest (5 rotations), ROC AUC, TAR at FAR 1e-2 / 1e-3, leave-one-out rank-1, and a
   confusion matrix over the top-N identities (true identity vs the identity of the
@@ -345,7 +346,7 @@ def compare_embeddings(
     names = list(vectors)
     pairs = make_pairs(labels, max_pairs, seed)
     if len(pairs) < 4 or pairs[:, 2].min() == pairs[:, 2].max():
-        raise ValueError("too few held-out faces to evaluate: need 2+ identities and one of them with 2+ faces")
+        raise ValueError("too few test faces to evaluate: need 2+ identities and one of them with 2+ faces")
     fold_ids = np.random.default_rng(seed + 1).integers(0, folds, len(pairs))
     if len(np.unique(fold_ids)) < 2:
         fold_ids = np.arange(len(pairs)) % 2
@@ -384,7 +385,7 @@ def compare_embeddings(
     plot_files = {
         "ROC": str(plots.roc_curve(rocs, out_dir / "embedder_roc.png", f"{title}: ROC")),
         "confusion": str(plots.confusion_matrices(confusions, shown_names, out_dir / "embedder_confusion.png",
-                                                  f"{title}: top {len(shown)} held-out identities")),
+                                                  f"{title}: top {len(shown)} identities")),
         "comparison": str(plots.comparison_bars(metrics, names, out_dir / "embedder_bars.png", title)),
     }
     return Comparison("embedder", names, metrics, plot_files, {

@@ -425,7 +425,7 @@ class JobReporter:
 
     def _planned(self, e: dict) -> int:
         """Epochs the trainer plans; for the detector at most the epochs asked for
-        (ultralytics' time mode re-plans them to fill the time cap, see _train_detector)."""
+        (ultralytics' time mode re-plans them to fill the time cap, see DetectorRun.train)."""
         planned = int(e.get("epochs") or 0)
         asked = self.record.request.get("epochs")
         if self.record.kind == "detector" and asked:

