@@ -195,7 +195,7 @@ class JobRecord:
     epoch: int | None = None
     epochs: int | None = None
     fraction: float = 0.0
-    eta_s: float | None = None  #: estimated seconds left (from the progress so far)
+    eta_s: float | None = None  #: estimated seconds left in the current phase (training dominates)
     #: what each split holds, in words with its size ("test split: 40 images, 120 faces")
     splits: dict[str, str] = field(default_factory=dict)
     loss: dict[str, float] = field(default_factory=dict)
@@ -317,7 +317,7 @@ class JobReporter:
         self.cancel_event = cancel_event
         self.echo = echo
         self.parent_pid = parent_pid
-        self.stop_reason = "asked to stop"
+        self.stop_reason: str | None = None  #: set when the job stops itself (not asked to)
         self._last_write = 0.0
         self._last_cancel_check = 0.0
         self._t0 = self._phase_t0 = time.monotonic()
@@ -331,11 +331,23 @@ class JobReporter:
             return
         rec = self.record
         rec.updated_at = _now()
-        # a straight-line estimate from the progress so far (training dominates the bar)
-        rec.eta_s = round((now - self._t0) * (1.0 - rec.fraction) / rec.fraction, 1) \
-            if rec.active and rec.fraction >= 0.03 else None
+        rec.eta_s = self._phase_eta(now)
         registry.write_json(_job_file(self.lab), rec.to_dict())
         self._last_write = now
+
+    def _phase_eta(self, now: float) -> float | None:
+        """Seconds left in the current phase: a straight line through its progress so far
+        (once there is enough of it to say), capped by the time limit while training."""
+        rec = self.record
+        lo, hi = PHASES.get(rec.status, (0.0, 0.0))
+        elapsed = now - self._phase_t0
+        done = (rec.fraction - lo) / (hi - lo) if hi > lo else 0.0
+        if not rec.active or done < 0.05 or elapsed < 10.0:
+            return None
+        left = elapsed * (1.0 - done) / done
+        if rec.status == "training" and self._minutes:
+            left = min(left, max(0.0, 60.0 * self._minutes - elapsed))
+        return round(left, 1)
 
     def say(self, text: str) -> None:
         if self.echo:
@@ -463,8 +475,8 @@ def _execute(lab: Lab, reporter: JobReporter, req: TrainRequest, lock: _FileLock
         rec.status, rec.fraction, rec.version_id = "done", 1.0, outcome.version.id if outcome.version else None
         rec.message = outcome.message
     except (JobCancelled, EvaluationStopped) as exc:
-        why = reporter.stop_reason if reporter.cancel_event.is_set() else "asked to stop"
-        rec.status, rec.message = "cancelled", f"Cancelled ({exc}; {why}). Nothing was registered or switched."
+        why = f": {reporter.stop_reason}" if reporter.stop_reason else ""
+        rec.status, rec.message = "cancelled", f"Cancelled ({exc}{why}). Nothing was registered or switched."
     except FaceLabError as exc:
         rec.status, rec.error = "failed", str(exc)
         rec.message = f"Failed: {exc}"

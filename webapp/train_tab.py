@@ -70,9 +70,9 @@ def status_markdown(job: training.JobRecord | None) -> str:
     if job.splits:
         lines.append("Data: " + " · ".join(md(text) for text in job.splits.values()))
     if job.active:
-        where = f"epoch {job.epoch}/{job.epochs}" if job.epoch else md(job.phase)
-        eta = f" · about {_duration(job.eta_s)} left" if job.eta_s is not None else ""
-        lines.append(f"Now: {where} · {md(job.phase)}{eta}")
+        where = f"epoch {job.epoch}/{job.epochs} · " if job.epoch else ""
+        eta = f" · about {_duration(job.eta_s)} left in this phase" if job.eta_s is not None else ""
+        lines.append(f"Now: {where}{md(job.phase)}{eta}")
         if job.loss:
             lines.append("Loss: " + ", ".join(f"{md(k)} {v:.4g}" for k, v in job.loss.items()))
         if job.metrics:
