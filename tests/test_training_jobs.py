@@ -174,6 +174,20 @@ def test_detector_job_registers_an_inactive_candidate(lab: Lab) -> None:
     assert json.loads((run / "job.json").read_text())["status"] == "done"
 
 
+def test_detector_fine_tunes_a_registered_version(lab: Lab) -> None:
+    """"Fine-tune" means it: training starts from the registered checkpoint's weights
+    (its sha256 checked first), and the run says so."""
+    (base,) = [v for v in registry.list_versions(lab, "detector") if v.name == "yolo"]
+    job = training.start_training(lab, training.TrainRequest(**{**QUICK_DETECTOR, "model": None,
+                                                                "init_version": base.id}))
+    job = finish(lab)
+    assert job.status == "done", job.message
+    run = json.loads((lab.settings.data_dir / "runs" / job.run_id / "run.json").read_text())
+    assert run["start"] == f"fine-tune of registered {base.label()} (sha256 checked)"
+    assert run["config"]["model_sha256"] == base.sha256
+    assert registry.get_version(lab, job.version_id).version != base.version  # new weights
+
+
 def test_embedder_job_splits_by_identity_and_distils_from_the_model_in_use(lab: Lab) -> None:
     job = training.start_training(lab, training.TrainRequest(**QUICK_EMBEDDER))
     job = finish(lab)
