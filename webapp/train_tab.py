@@ -153,8 +153,9 @@ def run_results(lab: Lab, run_id: str | None) -> tuple[pd.DataFrame, str, list[t
         elif "protocol" in d:
             notes.append(f"{comp.data}; {d['protocol']}")
         else:
-            notes.append(f"{comp.data}, {d.get('pairs')} pairs; candidate's threshold "
-                         f"{doc.get('match_threshold', float('nan')):.3f} fitted on the select split")
+            thr = doc.get("match_threshold")
+            notes.append(f"{comp.data}, {d.get('pairs')} pairs" + (
+                f"; candidate's threshold {thr:.3f} fitted on the select split" if isinstance(thr, float) else ""))
         gallery += [(_png(path), f"{comp.data}: {label}") for label, path in comp.plots.items() if Path(path).is_file()]
     names = next(iter(comparisons.values())).names
     frame = pd.DataFrame(rows, columns=["metric", "measured on", md(names[0]), "candidate", "change"][: 3 + len(names)])
