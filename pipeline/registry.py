@@ -4,9 +4,15 @@ Every model the app can use is a ``ModelVersion`` row. Its ``metrics`` JSON hold
 is needed to build it again and to judge it::
 
     {"spec": "yolo:runs/<run>/weights/detector.pt",   # create_detector/create_embedder spec;
-     "options": {"imgsz": 416},                        #  relative paths are inside data_dir
-     "run_id": "<run>", "summary": {metric: value},    # the evaluation, for the table
-     "match_threshold": 0.61}                          # embedders: calibrated on held-out faces
+     "options": {"imgsz": 416, "conf": 0.31},          #  relative paths are inside data_dir
+     "run_id": "<run>", "summary": {metric: value,     # the evaluation on the run's test
+                                    "measured on": "test split: ..."},  # split, for the table
+     "match_threshold": 0.61}                          # embedders: fitted on the select split
+
+The row's ``sha256`` column holds the full digest of its weights file; ``build_detector``
+and ``build_embedder`` hand it to the model, which compares it with the file before
+loading it (a YOLO ``.pt`` is a pickle: only the registered bytes are ever unpickled,
+see ``models.model_files``). A yolo/resnet50 row without a full digest is not loaded.
 
 The active row of a kind (at most one, enforced by the database) is the model in use;
 with no active row the settings' default is in use. The first promotion of a kind also
@@ -45,6 +51,8 @@ from models.detectors.base import FaceDetector
 from models.detectors.factory import create_detector
 from models.embedders.base import FaceEmbedder
 from models.embedders.factory import create_embedder
+from models.model_files import UntrustedModelFile
+from models.weights_locator import file_sha256
 from pipeline.context import Lab
 from pipeline.embed import faces_by_photo, faces_without, stored_boxes
 from pipeline.errors import FaceLabError, InvalidRequest, NotFound
@@ -154,6 +162,7 @@ class VersionInfo:
     summary: dict[str, Any]
     match_threshold: float | None
     file_path: str | None
+    sha256: str | None = None  #: of the weights file, recorded at registration; checked before loading
 
     def label(self) -> str:
         return f"#{self.id} {self.kind} {self.name} {self.version}" + (" (in use)" if self.active else "")
@@ -166,7 +175,7 @@ def _info(row: ModelVersion) -> VersionInfo:
         version=row.version, spec=str(extra.get("spec") or row.name), options=dict(extra.get("options") or {}),
         active=bool(row.active), created_at=row.created_at, run_id=extra.get("run_id"),
         summary=dict(extra.get("summary") or {}), match_threshold=extra.get("match_threshold"),
-        file_path=row.file_path,
+        file_path=row.file_path, sha256=row.sha256,
     )
 
 
@@ -231,36 +240,66 @@ def in_use_spec(lab: Lab, kind: str) -> str:
     return lab.settings.detector if kind == "detector" else lab.settings.embedder
 
 
+def _weights_file(model: object) -> Path | None:
+    """The weights file a model loads (a YOLO checkpoint, our ResNet50), if any."""
+    if getattr(model, "name", None) not in FILE_MODELS:
+        return None
+    path = getattr(model, "weights", None) or getattr(model, "checkpoint", None)
+    return Path(path) if isinstance(path, (str, Path)) and Path(path).is_file() else None
+
+
 def ensure_in_use_registered(lab: Lab, kind: str) -> VersionInfo:
-    """The model in use as a row (created inactive if missing), so rollback can reach it."""
+    """The model in use as a row (created inactive if missing), so rollback can reach it.
+    Its weights file (the owner's choice at start-up) is pinned by its sha256 now."""
     active = active_version(lab, kind)
     if active is not None:
         return active
     spec = in_use_spec(lab, kind)
     name = spec.partition(":")[0].strip().lower()
     path = spec.partition(":")[2] or None
+    model = lab.detector if kind == "detector" else lab.embedder
+    model.load()
+    weights = _weights_file(model)
+    sha = file_sha256(weights) if weights is not None else None
     if kind == "detector":
-        lab.detector.load()
-        return register_version(lab, kind, name, lab.detector.version, spec, file_path=path,
+        return register_version(lab, kind, name, lab.detector.version, spec, file_path=path, sha256=sha,
                                 summary={"note": "the model in use before the first promotion"})
     threshold = None
     try:
         threshold = lab.match_threshold
     except RuntimeError:
         pass
-    return register_version(lab, kind, name, lab.model_version, spec, file_path=path, match_threshold=threshold,
-                            summary={"note": "the model in use before the first promotion"})
+    return register_version(lab, kind, name, lab.model_version, spec, file_path=path, sha256=sha,
+                            match_threshold=threshold, summary={"note": "the model in use before the first promotion"})
 
 
 # ----------------------------------------------------------------------------- building models
 
 
+#: model names whose weights are a file FaceLab must pin (the others ship in packages)
+FILE_MODELS = ("yolo", "resnet50")
+
+
+def _pinned(info: VersionInfo) -> dict[str, Any]:
+    """The ``sha256`` option of a file-based version: its file is hashed and compared
+    before anything reads it (a YOLO .pt is unpickled, see models.model_files). A
+    file-based row without a full digest cannot be verified and is refused."""
+    if info.name not in FILE_MODELS:
+        return {}
+    if not info.sha256 or len(info.sha256) != 64:
+        raise UntrustedModelFile(
+            f"{info.label()} ({info.spec}) has no full sha256 on record (registered by an older FaceLab), so its file cannot be "
+            "verified and was not loaded; train it again, or start the app with it yourself (--detector/--embedder).")
+    return {"sha256": info.sha256}
+
+
 def build_detector(lab: Lab, info: VersionInfo) -> FaceDetector:
-    return create_detector(resolve_spec(lab, info.spec), **info.options)
+    return create_detector(resolve_spec(lab, info.spec), **info.options, **_pinned(info))
 
 
 def build_embedder(lab: Lab, info: VersionInfo) -> FaceEmbedder:
-    embedder = create_embedder(resolve_spec(lab, info.spec), landmark_detector=lab.landmarker, **info.options)
+    embedder = create_embedder(resolve_spec(lab, info.spec), landmark_detector=lab.landmarker, **info.options,
+                               **_pinned(info))
     if info.match_threshold is not None:
         embedder.match_threshold = float(info.match_threshold)
     return embedder
@@ -460,6 +499,8 @@ def apply_active_models(lab: Lab) -> list[str]:
         spec = resolve_spec(lab, info.spec)
         current = lab.detector if kind == "detector" else lab.embedder
         if spec == resolve_spec(lab, in_use_spec(lab, kind)) and _has_options(current, info.options):
+            if getattr(current, "sha256", "") is None and info.sha256:
+                current.sha256 = info.sha256  # not loaded yet: it will load only the registered file
             if kind == "embedder" and info.match_threshold is not None:
                 lab.embedder.match_threshold = float(info.match_threshold)
                 lab.settings = replace(lab.settings, match_threshold=None)
@@ -481,9 +522,11 @@ def versions_table(lab: Lab) -> list[list[Any]]:
     """Rows for the UI and the CLI: id, kind, name, version, in use, created, run, key metrics."""
     rows = []
     for v in list_versions(lab):
-        keys = [k for k in v.summary if k != "note"][:4]
+        keys = [k for k in v.summary if k not in ("note", "measured on")][:4]
         metrics = ", ".join(f"{k} {v.summary[k]:.3f}" if isinstance(v.summary[k], (int, float)) else f"{k} {v.summary[k]}"
                             for k in keys) or v.summary.get("note", "")
+        if keys and v.summary.get("measured on"):
+            metrics += f" (on the {v.summary['measured on']})"
         rows.append([v.id, v.kind, v.name, v.version, "yes" if v.active else "", f"{v.created_at:%Y-%m-%d %H:%M}",
                      v.run_id or "", metrics])
     return rows

@@ -1,43 +1,49 @@
-"""Training jobs: fine-tune the detector or the embedder on collected labels, evaluate
-the result against the model in use, and register it (inactive) for promotion.
+"""Training jobs: train a detector or an embedder on collected labels (or face_mask /
+LFW), compare it with the model in use on a test split nothing chose it on, and register
+it (inactive) for promotion.
+
+A job runs in **its own process** (``python -m pipeline.training_process``, started by
+``start_training``), never in the web server's threads: the server only starts it,
+reads its record and can ask it to stop; a job that crashes or is killed (even SIGKILL)
+leaves the server serving and its record reads "failed". The command line
+(``python app.py train ...``) runs the same job in its own process, in the foreground.
 
 One job at a time per data folder. The running job holds an exclusive ``flock`` on
-``data_dir/training/job.lock`` for its whole life; the kernel drops that lock when the
-process ends in any way (even SIGKILL), so a job record that says "running" while the
-lock is free belongs to a dead process and is reported as interrupted. Progress goes to
-``data_dir/training/job.json`` (written atomically, at most about once a second), which
-is what the Train tab polls, so a page reload, a second browser tab or a CLI run on the
-same data folder all see the same job. Cancelling writes ``training/cancel`` (the job
-polls it between batches), so the UI can also stop a job started from the CLI.
+``data_dir/training/job.lock`` for its whole life (the web server takes it, hands it to
+the job process and lets go); the kernel drops that lock when the process ends in any
+way, so a job record that says "running" while the lock is free belongs to a dead
+process and is reported as interrupted. Progress goes to ``data_dir/training/job.json``
+(written atomically, at most about once a second, with an ETA), which is what the Train
+tab polls, so a page reload, a second browser tab or a CLI run on the same data folder
+all see the same job. Cancelling writes ``training/cancel`` (the job polls it between
+batches), so the UI can also stop a job started from the CLI.
 
-Data (each run stores its split under ``data_dir/runs/<run id>/split.json``):
+The run itself (three splits, training, threshold on the select split, comparison on
+the test split, registration) is ``pipeline.training_run``; the data and its split,
+``pipeline.training_data``. Nothing here changes the model in use: a run ends with an
+inactive ``ModelVersion`` row; promotion is ``pipeline.registry.promote``.
 
-* detector, from labels: every image whose status is *reviewed* with its faces that a
-  person did not reject (boxes a person drew or checked), image-disjoint seeded split;
-  or face_mask's own train/val split (``source="face_mask"``).
-* embedder, from labels: faces with a name, aligned by the app's own path (stored
-  landmarks, else ``lab.landmarker``, then ``models.align.face_chips``), with the
-  vectors of the embedder in use as distillation targets; identity-disjoint seeded
-  split. Or LFW's train identities (``source="lfw"``; the test half is only evaluated).
-
-Nothing here changes the model in use: a run ends with an inactive ``ModelVersion``
-row; promotion is ``pipeline.registry.promote``.
+Model files: the web app can only pick an architecture from
+``models.model_files.ARCHITECTURES`` (from scratch) or a version registered by FaceLab
+(fine-tune, sha256-checked). A checkpoint *path* is accepted only from the command line,
+as the machine owner's own file (``--model PATH``).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import math
 import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,20 +52,15 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
+from models.model_files import ARCHITECTURES
 from pipeline import registry
 from pipeline.context import Lab
 from pipeline.errors import Conflict, FaceLabError, InvalidRequest, NotFound
-from pipeline.evaluate import (
-    Comparison,
-    DetectorUnderTest,
-    EvaluationStopped,
-    compare_detectors,
-    compare_embeddings,
-    compare_on_lfw_test_half,
-    cpu_threads,
-    pick_centre_face,
-)
-from storage.orm import Embedding, Face, Identity, Image, ImageStatus, ReviewStatus
+from pipeline.evaluate import Comparison, EvaluationStopped
+from pipeline.settings import REPO_ROOT
+from pipeline.training_data import CHIP_PADDING, JobCancelled
+from pipeline.training_run import RunOutcome, run_training, start_point
+from storage.orm import Face, Image, ReviewStatus
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,10 @@ ACTIVE_STATES = ("starting", "preparing", "training", "evaluating", "registering
 #: share of the progress bar per phase (training dominates)
 PHASES = {"starting": (0.0, 0.0), "preparing": (0.0, 0.1), "training": (0.1, 0.85), "evaluating": (0.85, 0.98),
           "registering": (0.98, 1.0)}
-CHIP_SIZE, CHIP_PADDING = 150, 0.25  # the app's aligned chip (dlib's), see models.align
 MAX_HISTORY = 1000
 
-
-class JobCancelled(FaceLabError):
-    pass
+__all__ = ["ARCHITECTURES", "JobCancelled", "JobRecord", "JobReporter", "RunOutcome", "TrainRequest", "cancel_training", "read_job",
+           "run_in_foreground", "start_training", "wait_for_training"]
 
 
 # ============================================================================ requests
@@ -102,13 +101,22 @@ class TrainRequest:
     #: and ``epochs`` stays an upper bound; embedder: each stage gets its share)
     minutes: float | None = None
     seed: int = 0
-    val_fraction: float = 0.2
+    #: shares of the images (detector) or of the people with 2+ faces (embedder) that pick
+    #: the checkpoint and threshold (select) and that decide promotion (test); face_mask
+    #: keeps its own val.txt as the test split
+    select_fraction: float = 0.2
+    test_fraction: float = 0.2
     device: str | None = None  #: None: first GPU if any, else cpu
-    #: torch threads while training on a CPU (None: the process's setting, which the web
-    #: app keeps low so requests stay responsive; the CLI passes every core)
+    #: torch threads while training on a CPU (None: the process's setting; a job started
+    #: from the web gets all cores but one, the CLI every core)
     threads: int | None = None
-    # detector
-    model: str | None = None  #: ultralytics .yaml (from scratch) or a local .pt to fine-tune
+    #: detector, from scratch: an architecture of models.model_files.ARCHITECTURES
+    model: str | None = None
+    #: fine-tune: a version registered by FaceLab (its file is sha256-checked before loading)
+    init_version: int | None = None
+    #: fine-tune from a checkpoint file: the command line only (the machine owner's file;
+    #: an ultralytics .pt is unpickled). start_training refuses it.
+    model_path: str | None = None
     imgsz: int | None = None
     batch: int | None = None
     validate_every_epoch: bool = True
@@ -127,16 +135,31 @@ class TrainRequest:
             raise InvalidRequest(f"A {self.kind} trains from {' or '.join(SOURCES[self.kind])}, not {self.source!r}.")
         if self.source != "labels" and not self.source_path:
             raise InvalidRequest(f"Give the {self.source} folder.")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise InvalidRequest("The held-out fraction must be between 0 and 1.")
+        if not (0.0 < self.select_fraction < 1.0 and 0.0 <= self.test_fraction < 1.0) \
+                or self.select_fraction + self.test_fraction > 0.8:
+            raise InvalidRequest("The select share must be above 0, the test share at least 0, and together at most "
+                                 "0.8 (the rest trains).")
+        starts = [x for x in (self.model, self.init_version, self.model_path) if x not in (None, "")]
+        if len(starts) > 1:
+            raise InvalidRequest("Start from one thing: an architecture (from scratch), a registered version or a "
+                                 "checkpoint file (fine-tune).")
+        if self.model not in (None, ""):
+            if self.kind != "detector" or self.model not in ARCHITECTURES:
+                raise InvalidRequest(
+                    f"{str(self.model)[:200]!r} is not a network FaceLab builds: the detector trains from scratch as "
+                    f"one of {', '.join(ARCHITECTURES)}, or fine-tunes a version registered by FaceLab.")
+        if self.model_path and not Path(self.model_path).expanduser().is_file():
+            raise InvalidRequest(f"No checkpoint file at {self.model_path}.")
         gpu = (self.device or "").startswith(("cuda", "0")) or (self.device is None and _has_cuda())
         r = TrainRequest(**asdict(self))
         if self.kind == "detector":
-            r.model = r.model or ("yolov8s.yaml" if gpu else "yolov8n.yaml")
+            if not (r.init_version is not None or r.model_path):
+                r.model = r.model or ("yolov8s.yaml" if gpu else "yolov8n.yaml")
             r.imgsz = r.imgsz or (640 if gpu else 416)
             r.batch = r.batch or (32 if gpu else 8)
             r.epochs = r.epochs or (100 if gpu else 30)
         else:
+            r.model = None
             r.batch = r.batch or (256 if gpu else 32)
             r.epochs = r.epochs or (60 if gpu else 6)
         if r.epochs < 1 or (r.minutes is not None and r.minutes <= 0):
@@ -172,6 +195,9 @@ class JobRecord:
     epoch: int | None = None
     epochs: int | None = None
     fraction: float = 0.0
+    eta_s: float | None = None  #: estimated seconds left in the current phase (training dominates)
+    #: what each split holds, in words with its size ("test split: 40 images, 120 faces")
+    splits: dict[str, str] = field(default_factory=dict)
     loss: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -228,6 +254,20 @@ class _FileLock:
             os.close(self.fd)
             self.fd = None
 
+    def hand_over(self) -> None:
+        """Close this process's descriptor *without* unlocking: a child process that
+        inherited it keeps the lock (flock belongs to the open file, not the process)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    @classmethod
+    def adopt(cls, path: Path, fd: int) -> "_FileLock":
+        """The lock held through an inherited descriptor (see ``hand_over``)."""
+        lock = cls(path)
+        lock.fd = fd
+        return lock
+
 
 def read_job(lab: Lab) -> JobRecord | None:
     """The current (or last) job; a "running" record whose process is gone is marked
@@ -264,18 +304,23 @@ def _mark_run(lab: Lab, run_id: str, status: str, **extra: Any) -> None:
     registry.write_json(path, doc)
 
 
-class JobReporter:
-    """Owns the job record while the job runs: throttled atomic writes, progress events
-    from the trainers, and the cancel check."""
 
-    def __init__(self, lab: Lab, record: JobRecord, cancel_event: threading.Event, echo: bool = False) -> None:
+class JobReporter:
+    """Owns the job record while the job runs: throttled atomic writes with an ETA,
+    progress events from the trainers, and the cancel check (a cancel file, Ctrl-C, or
+    the app that started the job going away: ``parent_pid``)."""
+
+    def __init__(self, lab: Lab, record: JobRecord, cancel_event: threading.Event, echo: bool = False,
+                 parent_pid: int | None = None) -> None:
         self.lab = lab
         self.record = record
         self.cancel_event = cancel_event
         self.echo = echo
+        self.parent_pid = parent_pid
+        self.stop_reason: str | None = None  #: set when the job stops itself (not asked to)
         self._last_write = 0.0
         self._last_cancel_check = 0.0
-        self._phase_t0 = time.monotonic()
+        self._t0 = self._phase_t0 = time.monotonic()
         self._minutes: float | None = record.request.get("minutes")
         self.write(force=True)
 
@@ -284,9 +329,25 @@ class JobReporter:
         now = time.monotonic()
         if not force and now - self._last_write < 1.0:
             return
-        self.record.updated_at = _now()
-        registry.write_json(_job_file(self.lab), self.record.to_dict())
+        rec = self.record
+        rec.updated_at = _now()
+        rec.eta_s = self._phase_eta(now)
+        registry.write_json(_job_file(self.lab), rec.to_dict())
         self._last_write = now
+
+    def _phase_eta(self, now: float) -> float | None:
+        """Seconds left in the current phase: a straight line through its progress so far
+        (once there is enough of it to say), capped by the time limit while training."""
+        rec = self.record
+        lo, hi = PHASES.get(rec.status, (0.0, 0.0))
+        elapsed = now - self._phase_t0
+        done = (rec.fraction - lo) / (hi - lo) if hi > lo else 0.0
+        if not rec.active or done < 0.05 or elapsed < 10.0:
+            return None
+        left = elapsed * (1.0 - done) / done
+        if rec.status == "training" and self._minutes:
+            left = min(left, max(0.0, 60.0 * self._minutes - elapsed))
+        return round(left, 1)
 
     def say(self, text: str) -> None:
         if self.echo:
@@ -316,6 +377,9 @@ class JobReporter:
                     self.cancel_event.set()
             except OSError:
                 pass
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                self.stop_reason = "the app that started it stopped"
+                self.cancel_event.set()
         return self.cancel_event.is_set()
 
     @property
@@ -325,46 +389,55 @@ class JobReporter:
     # -- events from data preparation, trainers, evaluation ---------------------------
     def event(self, e: dict) -> None:
         kind = e.get("kind") or e.get("stage")
+        handler = {"prepare": self._on_prepare, "export": self._on_prepare, "step": self._on_step,
+                   "epoch": self._on_epoch, "eval": self._on_eval, "info": self._on_info}.get(kind)
+        if handler is not None:
+            handler(e)
+        self.write(force=kind == "epoch")
+
+    def _on_prepare(self, e: dict) -> None:
+        if e.get("total"):
+            self.within(e["done"] / e["total"])
+            self.record.phase = f"preparing data: {e['done']} of {e['total']}" + (
+                f" ({e['chips']} faces)" if "chips" in e else "")
+
+    def _on_step(self, e: dict) -> None:
         rec = self.record
-        if kind in ("prepare", "export"):
-            if e.get("total"):
-                self.within(e["done"] / e["total"])
-                rec.phase = f"preparing data: {e['done']} of {e['total']}" + (
-                    f" ({e['chips']} faces)" if "chips" in e else "")
-        elif kind == "step":
-            rec.epoch = int(e.get("epoch") or 0) or rec.epoch
-            rec.epochs = self._planned(e) or rec.epochs
-            loss = e.get("loss")
-            rec.loss = {k: _sig(v) for k, v in loss.items()} if isinstance(loss, dict) else (
-                {"loss": _sig(loss)} if loss is not None else rec.loss)
-            self._training_fraction(e)
-        elif kind == "epoch":
-            row = {k: (_sig(v) if isinstance(v, (float, np.floating)) else v) for k, v in e.items() if k != "kind"}
-            rec.history.append(row)
-            del rec.history[:-MAX_HISTORY]
-            rec.epoch = int(e.get("epoch") or 0) or rec.epoch
-            rec.epochs = self._planned(e) or rec.epochs
-            rec.metrics = {k: v for k, v in row.items() if isinstance(v, float) and ("metrics/" in k or k.startswith("val_"))}
-            rec.loss = {k: v for k, v in row.items() if isinstance(v, float) and "loss" in k} or rec.loss
-            self._training_fraction(e, epoch_done=True)
-            stage = f" {row['stage']}" if "stage" in row else ""
-            self.say(f"  epoch {rec.epoch}/{rec.epochs}{stage}: " + ", ".join(
-                f"{k} {v:.4g}" for k, v in {**rec.loss, **rec.metrics}.items()))
-            self.write(force=True)
-            return
-        elif kind == "eval":
-            if e.get("total"):
-                self.within(e["done"] / e["total"])
-                rec.phase = f"evaluating: {e['done']} of {e['total']}"
-        elif kind == "info":
-            notes = {k: v for k, v in e.items() if k in ("device", "split", "stage", "classes", "teacher_metrics")}
-            if notes:
-                self.say(f"  info: {notes}")
-        self.write()
+        rec.epoch = int(e.get("epoch") or 0) or rec.epoch
+        rec.epochs = self._planned(e) or rec.epochs
+        loss = e.get("loss")
+        rec.loss = {k: _sig(v) for k, v in loss.items()} if isinstance(loss, dict) else (
+            {"loss": _sig(loss)} if loss is not None else rec.loss)
+        self._training_fraction(e)
+
+    def _on_epoch(self, e: dict) -> None:
+        rec = self.record
+        row = {k: (_sig(v) if isinstance(v, (float, np.floating)) else v) for k, v in e.items() if k != "kind"}
+        rec.history.append(row)
+        del rec.history[:-MAX_HISTORY]
+        rec.epoch = int(e.get("epoch") or 0) or rec.epoch
+        rec.epochs = self._planned(e) or rec.epochs
+        rec.metrics = {k: v for k, v in row.items() if isinstance(v, float) and ("metrics/" in k or k.startswith("val_"))}
+        rec.loss = {k: v for k, v in row.items() if isinstance(v, float) and "loss" in k} or rec.loss
+        self._training_fraction(e, epoch_done=True)
+        stage = f" {row['stage']}" if "stage" in row else ""
+        self.say(f"  epoch {rec.epoch}/{rec.epochs}{stage}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in {**rec.loss, **rec.metrics}.items())
+            + (f" ({rec.splits['select']})" if rec.metrics and "select" in rec.splits else ""))
+
+    def _on_eval(self, e: dict) -> None:
+        if e.get("total"):
+            self.within(e["done"] / e["total"])
+            self.record.phase = f"evaluating: {e['done']} of {e['total']}"
+
+    def _on_info(self, e: dict) -> None:
+        notes = {k: v for k, v in e.items() if k in ("device", "split", "stage", "classes", "teacher_metrics", "start")}
+        if notes:
+            self.say(f"  info: {notes}")
 
     def _planned(self, e: dict) -> int:
         """Epochs the trainer plans; for the detector at most the epochs asked for
-        (ultralytics' time mode re-plans them to fill the time cap, see _train_detector)."""
+        (ultralytics' time mode re-plans them to fill the time cap, see DetectorRun.train)."""
         planned = int(e.get("epochs") or 0)
         asked = self.record.request.get("epochs")
         if self.record.kind == "detector" and asked:
@@ -389,395 +462,8 @@ class JobReporter:
         self.within(frac)
 
 
-# ============================================================================ data
 
-
-@dataclass
-class DetectorData:
-    data_yaml: Path
-    val_images: list[Callable[[], np.ndarray]]
-    val_boxes: list[np.ndarray]
-    snapshot: dict[str, Any]
-
-
-def _labelled_detection_samples(lab: Lab):
-    """(DetSample, image id, face ids) for every reviewed image (not-rejected faces)."""
-    from models.training.yolo_dataset import DetSample
-
-    with lab.sessions() as session:
-        images = session.execute(
-            select(Image.id, Image.sha256).where(Image.status == ImageStatus.REVIEWED).order_by(Image.id)
-        ).all()
-        faces = session.execute(
-            select(Face.id, Face.image_id, Face.x1, Face.y1, Face.x2, Face.y2)
-            .join(Image, Face.image_id == Image.id)
-            .where(Image.status == ImageStatus.REVIEWED, Face.review_status != ReviewStatus.REJECTED)
-            .order_by(Face.id)
-        ).all()
-    by_image: dict[int, list] = {}
-    for f in faces:
-        by_image.setdefault(f.image_id, []).append(f)
-    out = []
-    for image_id, sha in images:
-        rows = by_image.get(image_id, [])
-        out.append((DetSample(lab.images.path(sha), [(f.x1, f.y1, f.x2, f.y2) for f in rows]), image_id,
-                    [f.id for f in rows]))
-    return out
-
-
-def prepare_detector_data(lab: Lab, req: TrainRequest, run_dir: Path, reporter: JobReporter) -> DetectorData:
-    from models.training.chip_data import read_rgb
-    from models.training.yolo_dataset import export_yolo_dataset, face_mask_samples, split_samples
-
-    if req.source == "face_mask":
-        root = Path(req.source_path or "")
-        if not (root / "train.txt").is_file():
-            raise InvalidRequest(f"{root} is not the face_mask folder (no train.txt).")
-        train, val = face_mask_samples(root, "train"), face_mask_samples(root, "val")
-        snapshot = {"source": "face_mask", "path": str(root), "split": "the dataset's own train.txt / val.txt",
-                    "train": [s.image.stem for s in train], "val": [s.image.stem for s in val]}
-    else:
-        labelled = _labelled_detection_samples(lab)
-        if len(labelled) < 4 or sum(len(s.boxes) for s, _, _ in labelled) < 2:
-            raise InvalidRequest(
-                f"Training the detector needs at least 4 reviewed images with faces (there are {len(labelled)}); "
-                "review more in the Label tab.")
-        meta = {str(s.image.resolve()): (image_id, face_ids) for s, image_id, face_ids in labelled}
-        train, val = split_samples([s for s, _, _ in labelled], req.val_fraction, req.seed)
-        snapshot = {"source": "labels", "split": f"image-disjoint, seed {req.seed}, val fraction {req.val_fraction}",
-                    "train_images": [meta[str(s.image.resolve())][0] for s in train],
-                    "val_images": [meta[str(s.image.resolve())][0] for s in val],
-                    "train_faces": [fid for s in train for fid in meta[str(s.image.resolve())][1]],
-                    "val_faces": [fid for s in val for fid in meta[str(s.image.resolve())][1]]}
-    info = export_yolo_dataset(train, val, run_dir / "dataset", mode="symlink", on_progress=reporter.event)
-    snapshot.update({"train_boxes": info.boxes["train"], "val_boxes": info.boxes["val"],
-                     "dropped_boxes": info.dropped_boxes})
-    registry.write_json(run_dir / "split.json", snapshot)
-    if req.source == "labels":  # store files are named by their sha256
-        loaders = [(lambda sha=s.image.stem: lab.images.open(sha)) for s in val]
-    else:
-        loaders = [(lambda p=s.image: read_rgb(p)) for s in val]
-    return DetectorData(info.data_yaml, loaders, [np.asarray(s.boxes, dtype=np.float64).reshape(-1, 4) for s in val],
-                        snapshot)
-
-
-def _teacher_vectors(lab: Lab, face_ids: list[int]) -> dict[int, np.ndarray]:
-    version = lab.model_version
-    with lab.sessions() as session:
-        rows = session.scalars(
-            select(Embedding).where(Embedding.face_id.in_(face_ids), Embedding.model_version == version)).all()
-        return {r.face_id: r.as_array() for r in rows}
-
-
-def labelled_chipset(lab: Lab, store_size: int, reporter: JobReporter | None = None):
-    """Aligned chips of every named face (not rejected), their names, and the vectors
-    of the embedder in use (stored ones; computed where missing) as teacher targets."""
-    from models.align import face_chips
-    from models.training.chip_data import ChipSet
-    from models.types import FaceBox
-
-    with lab.sessions() as session:
-        rows = session.execute(
-            select(Face.id, Face.x1, Face.y1, Face.x2, Face.y2, Face.score, Face.landmarks, Image.sha256,
-                   Identity.name)
-            .join(Image, Face.image_id == Image.id).join(Identity, Face.identity_id == Identity.id)
-            .where(Face.review_status != ReviewStatus.REJECTED).order_by(Face.id)
-        ).all()
-    stored = _teacher_vectors(lab, [r.id for r in rows])
-    by_image: dict[str, list] = {}
-    for r in rows:
-        by_image.setdefault(r.sha256, []).append(r)
-    names: dict[str, int] = {}
-    chips, labels, teacher, sources = [], [], [], []
-    for n, (sha, faces) in enumerate(by_image.items()):
-        if reporter is not None and reporter.should_stop():
-            raise JobCancelled("cancelled while preparing the faces")
-        image = lab.images.open(sha)
-        boxes = [FaceBox(f.x1, f.y1, f.x2, f.y2, f.score,
-                         np.asarray(f.landmarks, np.float32) if f.landmarks is not None else None) for f in faces]
-        boxes = lab.landmarker.predict(image, boxes, only_missing=True)
-        aligned = face_chips(image, boxes, size=CHIP_SIZE, padding=CHIP_PADDING)
-        missing = [i for i, f in enumerate(faces) if f.id not in stored]
-        computed = lab.embedder.embed(image, [boxes[i] for i in missing]) if missing else []
-        extra = dict(zip(missing, computed))
-        for i, f in enumerate(faces):
-            chip = aligned[i]
-            if store_size != CHIP_SIZE:
-                import cv2
-
-                chip = cv2.resize(chip, (store_size, store_size), interpolation=cv2.INTER_AREA)
-            chips.append(chip)
-            labels.append(names.setdefault(f.name, len(names)))
-            teacher.append(stored[f.id] if f.id in stored else extra[i])
-            sources.append(f"face:{f.id}")
-        if reporter is not None:
-            reporter.event({"kind": "prepare", "done": n + 1, "total": len(by_image), "chips": len(chips)})
-    if not chips:
-        return ChipSet(np.zeros((0, store_size, store_size, 3), np.uint8), np.zeros(0, np.int64), [], None, [], {})
-    return ChipSet(np.stack(chips), np.asarray(labels), list(names), np.asarray(teacher, np.float32), sources,
-                   {"source": "labels", "teacher": lab.model_version, "chip_size": CHIP_SIZE,
-                    "chip_padding": CHIP_PADDING})
-
-
-def lfw_chipset(lab: Lab, req: TrainRequest, reporter: JobReporter):
-    """LFW train identities with 2+ images (seeded choice, bounded), chips through the
-    app's detect -> landmarks -> align path, teacher = the embedder in use."""
-    from models.align import face_chips
-    from models.training.chip_data import lfw_items, prepare_chipset
-
-    root = Path(req.source_path or "")
-    if not (root / "train_identities.txt").is_file():
-        raise InvalidRequest(f"{root} is not the LFW folder (no train_identities.txt).")
-    items = lfw_items(root, "train_identities.txt")  # never the test half
-    by_person: dict[str, list] = {}
-    for path, person in items:
-        by_person.setdefault(person, []).append(path)
-    people = sorted(p for p, imgs in by_person.items() if len(imgs) >= 2)
-    rng = np.random.default_rng(req.seed)
-    chosen: list[tuple[Path, str]] = []
-    limit = req.limit_images or len(items)
-    for person in rng.permutation(people):
-        imgs = by_person[str(person)][: req.max_per_identity]
-        if len(chosen) + len(imgs) > limit:
-            if len(chosen) >= limit - 1:
-                break
-            imgs = imgs[: limit - len(chosen)]
-        chosen.extend((p, str(person)) for p in imgs)
-    teacher_fn = getattr(lab.embedder, "embed_chips", None)
-
-    def chips_fn(image: np.ndarray) -> np.ndarray:
-        boxes = lab.detector.detect(image)
-        if not boxes:
-            return np.zeros((0, CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
-        box, _ = pick_centre_face(boxes, image.shape[1], image.shape[0])
-        return face_chips(image, lab.landmarker.predict(image, [box]), size=CHIP_SIZE, padding=CHIP_PADDING)
-
-    with cpu_threads():
-        cs = prepare_chipset(chosen, chips_fn, teacher_fn, store_size=req.input_size,
-                             meta={"source": "lfw train_identities", "teacher": lab.model_version,
-                                   "detector": lab.detector.version, "chip_size": CHIP_SIZE,
-                                   "chip_padding": CHIP_PADDING},
-                             on_progress=reporter.event, should_stop=reporter.should_stop)
-    if reporter.should_stop():
-        raise JobCancelled("cancelled while preparing the faces")
-    return cs
-
-
-# ============================================================================ the run
-
-
-@dataclass
-class RunOutcome:
-    run_id: str
-    run_dir: Path
-    status: str
-    version: registry.VersionInfo | None
-    comparisons: dict[str, Comparison]
-    message: str
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return int(torch.get_num_threads())
-
-
-def new_run(lab: Lab, kind: str) -> tuple[str, Path]:
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    root = registry.runs_root(lab)
-    for n in range(100):
-        run_id = f"{stamp}-{kind}" + (f"-{n}" if n else "")
-        try:
-            (root / run_id).mkdir(parents=True)
-            return run_id, root / run_id
-        except FileExistsError:
-            continue
-    raise FaceLabError("could not create a run folder")
-
-
-def _train_detector(lab: Lab, req: TrainRequest, run_dir: Path, reporter: JobReporter) -> RunOutcome:
-    from models.detectors.yolo_detector import YoloDetector
-    from models.evaluation import plots
-    from models.training.detector_trainer import DetectorTrainConfig, train_detector
-
-    reporter.phase("preparing", "exporting the labelled images as a YOLO dataset")
-    data = prepare_detector_data(lab, req, run_dir, reporter)
-    cpu = not _has_cuda() if req.device is None else req.device == "cpu"
-    config = DetectorTrainConfig(
-        project=run_dir / "work", name="train", model=req.model, epochs=req.epochs, imgsz=req.imgsz, batch=req.batch,
-        device=req.device, workers=0 if cpu else 8, seed=req.seed, time_limit_min=req.minutes,
-        val=req.validate_every_epoch, plots=False, patience=max(50, req.epochs), close_mosaic=min(10, req.epochs // 3),
-        output=run_dir / "weights" / "detector.pt")
-    registry.write_json(run_dir / "run.json", {"run_id": run_dir.name, "kind": "detector", "status": "training",
-                                               "request": asdict(req), "config": config.to_dict()})
-    reporter.phase("training", f"training {req.model} at {req.imgsz} px")
-
-    def stop() -> bool:
-        # ultralytics' time mode re-plans the epochs to fill the minutes (so its LR
-        # schedule ends annealed); the epochs asked for stay an upper bound
-        return reporter.should_stop() or len(reporter.record.history) >= req.epochs
-
-    with cpu_threads(req.threads):
-        result = train_detector(config, data.data_yaml, on_progress=reporter.event, should_stop=stop)
-        threads = _torch_threads()  # ultralytics sets min(8, cores - 1) itself on a CPU
-    shutil.rmtree(result.run_dir / "weights", ignore_errors=True)  # optimizer-laden copies; ours is exported
-    if reporter.cancelled:
-        raise JobCancelled("cancelled during training")
-    if result.weights is None:
-        raise FaceLabError("training ended before the first epoch finished; no weights to evaluate")
-    plots_dir = run_dir / "plots"
-    curves = {}
-    if result.history:
-        keys = [k for k in result.history[0] if k.startswith("train/")][:3] + ["metrics/mAP50(B)"]
-        curves["training"] = str(plots.training_curves(result.history, keys, plots_dir / "training_curves.png",
-                                                       "detector training"))
-
-    reporter.phase("evaluating", f"in use vs candidate on {len(data.val_images)} held-out images")
-    candidate = YoloDetector(result.weights, conf=0.001, imgsz=req.imgsz, device=req.device)
-    in_use_name = f"in use: {lab.settings.detector.partition(':')[0]}"
-    comparison = compare_detectors(
-        [DetectorUnderTest(in_use_name, lab.detector), DetectorUnderTest("candidate", candidate, operating_conf=0.25)],
-        data.val_images, data.val_boxes, plots_dir, f"{req.source} held-out images",
-        on_progress=reporter.event, should_stop=reporter.should_stop)
-    comparison.plots.update(curves)
-
-    reporter.phase("registering", "adding the candidate to the model registry")
-    deployed = YoloDetector(result.weights, imgsz=req.imgsz)
-    summary = {k: comparison.metrics[k][-1] for k in ("AP50", "mAP50-95", "F1", "recall") if k in comparison.metrics}
-    version = registry.register_version(
-        lab, "detector", "yolo", deployed.version, f"yolo:{registry.relative_to_data(lab, result.weights)}",
-        file_path=registry.relative_to_data(lab, result.weights), sha256=result.version.removeprefix("yolo-"),
-        options={"imgsz": req.imgsz}, run_id=run_dir.name, summary=summary)
-    run_doc = {"train_seconds": result.seconds, "epochs_completed": result.epochs_completed, "device": result.device,
-               "torch_threads_training": threads,
-               "history": result.history, "ultralytics_val": result.metrics, "notes": result.notes}
-    return _finish(lab, run_dir, req, version, {"held_out": comparison}, data.snapshot, run_doc)
-
-
-def _stage_epochs(req: TrainRequest, has_teacher: bool, margin_possible: bool) -> tuple[int, int]:
-    total = int(req.epochs or 1)
-    if not has_teacher:
-        return 0, total
-    if not margin_possible:
-        return total, 0
-    margin = total // 3
-    return total - margin, margin
-
-
-def _train_embedder(lab: Lab, req: TrainRequest, run_dir: Path, reporter: JobReporter) -> RunOutcome:
-    from models.embedders.resnet50 import ResNet50Embedder
-    from models.evaluation import plots
-    from models.training.chip_data import identity_split
-    from models.training.embedder_trainer import EmbedderTrainConfig, train_embedder
-
-    reporter.phase("preparing", "aligning the faces (the app's own path) and reading the teacher's vectors")
-    if req.source == "lfw":
-        cs = lfw_chipset(lab, req, reporter)
-    else:
-        with cpu_threads():
-            cs = labelled_chipset(lab, req.input_size, reporter)
-    labels = cs.labels
-    ids, counts = np.unique(labels[labels >= 0], return_counts=True)
-    multi = int((counts >= 2).sum())
-    if multi < 3:
-        raise InvalidRequest(
-            f"Training the embedder needs at least 3 named people with 2+ faces each (there are {multi}); "
-            "name more faces first.")
-    train_idx, val_idx, train_ids, val_ids = identity_split(labels, req.val_fraction, req.seed)
-    train_counts = np.unique(labels[train_idx][labels[train_idx] >= 0], return_counts=True)[1]
-    distill, margin = _stage_epochs(req, cs.teacher is not None, int((train_counts >= 2).sum()) >= 2)
-    reporter.record.request["_stage_epochs"] = {"distill": distill, "margin": margin}
-    snapshot = {"source": req.source, "split": f"identity-disjoint, seed {req.seed}, val fraction {req.val_fraction}",
-                "train_identities": [cs.identities[i] for i in train_ids],
-                "val_identities": [cs.identities[i] for i in val_ids],
-                "train_items": [cs.sources[i] for i in train_idx] if cs.sources else [],
-                "val_items": [cs.sources[i] for i in val_idx] if cs.sources else [],
-                "faces_prepared": int(len(cs)), "meta": {k: v for k, v in cs.meta.items() if not isinstance(v, dict)}}
-    registry.write_json(run_dir / "split.json", snapshot)
-    config = EmbedderTrainConfig(
-        output_dir=run_dir / "weights", input_size=req.input_size, distill_epochs=distill, margin_epochs=margin,
-        batch_size=min(req.batch, max(2, len(train_idx))), val_fraction=req.val_fraction, seed=req.seed,
-        device=req.device, time_limit_min=req.minutes, max_steps_per_epoch=req.max_steps_per_epoch,
-        log_every=1 if len(train_idx) < 40 * req.batch else 5, save_every=1)
-    registry.write_json(run_dir / "run.json", {"run_id": run_dir.name, "kind": "embedder", "status": "training",
-                                               "request": asdict(req), "config": config.to_dict()})
-    reporter.phase("training", f"training ResNet50 on {len(train_idx)} faces of {len(train_ids)} people "
-                               f"({distill} distillation + {margin} margin epochs)")
-    with cpu_threads(req.threads):
-        threads = _torch_threads()
-        result = train_embedder(config, cs, on_progress=reporter.event, should_stop=reporter.should_stop)
-    if reporter.cancelled:
-        raise JobCancelled("cancelled during training")
-    if result.checkpoint is None:
-        raise FaceLabError("training ended before the first epoch finished; no weights to evaluate")
-    weights = run_dir / "weights" / "embedder.pt"
-    os.replace(result.checkpoint, weights)
-    if result.last_checkpoint is not None:
-        result.last_checkpoint.unlink(missing_ok=True)
-    plots_dir = run_dir / "plots"
-    curves = {}
-    if result.history:
-        curves["training"] = str(plots.training_curves(result.history, ["train_loss", "val_acc", "val_rank1"],
-                                                       plots_dir / "training_curves.png", "embedder training"))
-
-    reporter.phase("evaluating", f"in use vs candidate on {len(val_idx)} faces of {len(val_ids)} held-out people")
-    candidate = ResNet50Embedder(weights, device=req.device)
-    val_labels = labels[val_idx]
-    in_use_name = f"in use: {lab.settings.embedder.partition(':')[0]}"
-    comparisons = {"held_out": compare_embeddings(
-        {in_use_name: cs.teacher[val_idx], "candidate": candidate.embed_chips(cs.chips[val_idx])},
-        val_labels, cs.identities, plots_dir, f"{req.source} held-out people", seed=req.seed)}
-    if req.source == "lfw":
-        comparisons["lfw_test_half"] = compare_on_lfw_test_half(
-            lab.detector, lab.landmarker, {in_use_name: lab.embedder, "candidate": candidate}, req.source_path,
-            plots_dir, max_pairs=req.eval_pairs, on_progress=reporter.event, should_stop=reporter.should_stop)
-    for c in comparisons.values():
-        c.plots.update(curves)
-        curves = {}
-
-    reporter.phase("registering", "adding the candidate to the model registry")
-    main = comparisons["held_out"]
-    summary = {k: main.metrics[k][-1] for k in ("verification accuracy", "ROC AUC", "rank-1") if k in main.metrics}
-    if "lfw_test_half" in comparisons:
-        summary["LFW test-half accuracy"] = comparisons["lfw_test_half"].metrics["LFW test-half accuracy"][-1]
-    threshold = main.details["per_model"]["candidate"]["calibrated_threshold"]
-    version = registry.register_version(
-        lab, "embedder", "resnet50", candidate.version, f"resnet50:{registry.relative_to_data(lab, weights)}",
-        file_path=registry.relative_to_data(lab, weights), sha256=candidate.version.removeprefix("resnet50-"),
-        run_id=run_dir.name, summary=summary, match_threshold=float(threshold))
-    run_doc = {"train_seconds": result.seconds, "device": result.device, "history": result.history,
-               "torch_threads_training": threads,
-               "best_val_metrics": result.best_metrics, "teacher_val_metrics": result.teacher_metrics,
-               "match_threshold": float(threshold),
-               "match_threshold_note": "best-accuracy threshold on the held-out people's pairs"}
-    return _finish(lab, run_dir, req, version, comparisons, snapshot, run_doc)
-
-
-def _finish(lab: Lab, run_dir: Path, req: TrainRequest, version: registry.VersionInfo,
-            comparisons: dict[str, Comparison], snapshot: dict, run_doc: dict) -> RunOutcome:
-    registry.write_json(run_dir / "eval.json", {k: c.to_dict() for k, c in comparisons.items()})
-    doc = registry.read_json(run_dir / "run.json") or {}
-    doc.update({"run_id": run_dir.name, "kind": req.kind, "status": "done", "request": asdict(req),
-                "version_id": version.id, "version": version.version, "spec": version.spec,
-                "data": {k: v for k, v in snapshot.items() if not isinstance(v, list)}, **run_doc,
-                "finished_at": _now()})
-    registry.write_json(run_dir / "run.json", doc)
-    main = comparisons["held_out"]
-    line = ", ".join(f"{k} {v[0]:.3f} -> {v[-1]:.3f}" for k, v in list(main.metrics.items())[:3]
-                     if v[0] is not None and v[-1] is not None)
-    return RunOutcome(run_dir.name, run_dir, "done", version, comparisons,
-                      f"Registered {version.label()} (not in use yet). In use -> candidate: {line}.")
-
-
-def run_training(lab: Lab, req: TrainRequest, reporter: JobReporter) -> RunOutcome:
-    """Prepare, train, evaluate, register (synchronously, in the calling thread)."""
-    run_id, run_dir = new_run(lab, req.kind)
-    reporter.record.run_id = run_id
-    registry.write_json(run_dir / "run.json", {"run_id": run_id, "kind": req.kind, "status": "preparing",
-                                               "request": asdict(req), "started_at": _now()})
-    if req.kind == "detector":
-        return _train_detector(lab, req, run_dir, reporter)
-    return _train_embedder(lab, req, run_dir, reporter)
+# ============================================================================ running a job
 
 
 def _execute(lab: Lab, reporter: JobReporter, req: TrainRequest, lock: _FileLock) -> RunOutcome | None:
@@ -789,7 +475,8 @@ def _execute(lab: Lab, reporter: JobReporter, req: TrainRequest, lock: _FileLock
         rec.status, rec.fraction, rec.version_id = "done", 1.0, outcome.version.id if outcome.version else None
         rec.message = outcome.message
     except (JobCancelled, EvaluationStopped) as exc:
-        rec.status, rec.message = "cancelled", f"Cancelled ({exc}). Nothing was registered or switched."
+        why = f": {reporter.stop_reason}" if reporter.stop_reason else ""
+        rec.status, rec.message = "cancelled", f"Cancelled ({exc}{why}). Nothing was registered or switched."
     except FaceLabError as exc:
         rec.status, rec.error = "failed", str(exc)
         rec.message = f"Failed: {exc}"
@@ -813,24 +500,33 @@ def _execute(lab: Lab, reporter: JobReporter, req: TrainRequest, lock: _FileLock
     return outcome
 
 
+
 # ============================================================================ job control
 
 
 class _Jobs:
-    """This process's running job (its thread and cancel flag)."""
+    """The job process this app started, and the thread that waits for it."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
-        self.cancel: threading.Event | None = None
+        self.process: subprocess.Popen | None = None
+        self.watcher: threading.Thread | None = None
         self.job_id: str | None = None
 
 
 _JOBS = _Jobs()
 
 
+def _new_record(req: TrainRequest) -> JobRecord:
+    job_id = f"{datetime.now(UTC):%Y%m%d%H%M%S}-{os.getpid()}-{req.kind}"
+    return JobRecord(job_id=job_id, kind=req.kind, status="starting", started_at=_now(), pid=os.getpid(),
+                     host=socket.gethostname(), request=asdict(req), phase="starting", epochs=req.epochs)
+
+
 def _begin(lab: Lab, req: TrainRequest, echo: bool) -> tuple[JobReporter, _FileLock, threading.Event]:
+    """Take the job lock (Conflict if a job holds it) and write the "starting" record."""
     req = req.resolved()
+    start_point(lab, req)  # a bad or changed registered start checkpoint is refused now, not in the job
     lock = _FileLock(training_dir(lab) / "job.lock")
     if not lock.try_acquire():
         job = read_job(lab)
@@ -839,28 +535,107 @@ def _begin(lab: Lab, req: TrainRequest, echo: bool) -> tuple[JobReporter, _FileL
         raise Conflict("a training job is running (its record is being written), cancel it first")
     try:
         _cancel_file(lab).unlink(missing_ok=True)
-        job_id = f"{datetime.now(UTC):%Y%m%d%H%M%S}-{os.getpid()}-{req.kind}"
-        record = JobRecord(job_id=job_id, kind=req.kind, status="starting", started_at=_now(), pid=os.getpid(),
-                           host=socket.gethostname(), request=asdict(req), phase="starting",
-                           epochs=req.epochs)
         event = threading.Event()
-        reporter = JobReporter(lab, record, event, echo=echo)
+        reporter = JobReporter(lab, _new_record(req), event, echo=echo)
     except BaseException:
         lock.release()
         raise
     return reporter, lock, event
 
 
+def _request_of(record: JobRecord) -> TrainRequest:
+    return TrainRequest(**{k: v for k, v in record.request.items() if not k.startswith("_")})
+
+
 def start_training(lab: Lab, req: TrainRequest) -> JobRecord:
-    """Start a job in a background thread; ``Conflict`` if one is running anywhere."""
+    """Start a job in its own process (the web app's way); ``Conflict`` if one is running
+    anywhere. A checkpoint path is refused here: only the command line takes one."""
+    if req.model_path:
+        raise InvalidRequest("A checkpoint file path is accepted only on the command line (python app.py train "
+                             "--model PATH), as the machine owner's own file. Here, start from an architecture or "
+                             "fine-tune a version registered by FaceLab.")
+    if req.threads is None:  # the job has a process of its own; leave one core to the app
+        req = TrainRequest(**{**asdict(req), "threads": max(1, (os.cpu_count() or 2) - 1)})
     with _JOBS.lock:
-        reporter, lock, event = _begin(lab, req, echo=False)
-        req = TrainRequest(**{k: v for k, v in reporter.record.request.items() if not k.startswith("_")})
-        thread = threading.Thread(target=_execute, args=(lab, reporter, req, lock), name=f"train-{req.kind}",
-                                  daemon=True)
-        _JOBS.thread, _JOBS.cancel, _JOBS.job_id = thread, event, reporter.record.job_id
-        thread.start()
-        return JobRecord.from_dict(reporter.record.to_dict())
+        reporter, lock, _ = _begin(lab, req, echo=False)
+        record = reporter.record
+        log_path = training_dir(lab) / "logs" / f"{record.job_id}.log"
+        try:
+            process = _spawn(lab, record, lock, log_path)
+        except BaseException as exc:
+            record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"
+            record.message = f"Failed: could not start the training process ({record.error})."
+            record.finished_at = _now()
+            reporter.write(force=True)
+            lock.release()
+            raise
+        lock.hand_over()  # the job process holds the lock from now on
+        watcher = threading.Thread(target=_watch, args=(lab, process, record.job_id, log_path),
+                                   name=f"train-watch-{record.job_id}", daemon=True)
+        _JOBS.process, _JOBS.watcher, _JOBS.job_id = process, watcher, record.job_id
+        watcher.start()
+        started = JobRecord.from_dict(record.to_dict())
+        started.pid = process.pid
+        return started
+
+
+def _spawn(lab: Lab, record: JobRecord, lock: _FileLock, log_path: Path) -> subprocess.Popen:
+    """``python -m pipeline.training_process`` with the lock's descriptor; the settings
+    (database URL included) travel on its stdin, never on disk or the command line."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    spec = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(lab.settings).items()},
+            "record": record.to_dict(), "lock_path": str(lock.path), "lock_fd": lock.fd, "parent_pid": os.getpid()}
+    env = {**os.environ, "YOLO_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.training_process"], cwd=REPO_ROOT, env=env,
+                                   stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                                   pass_fds=(lock.fd,), text=True)
+    assert process.stdin is not None
+    process.stdin.write(json.dumps(spec))
+    process.stdin.close()
+    return process
+
+
+def _exit_words(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def _watch(lab: Lab, process: subprocess.Popen, job_id: str, log_path: Path) -> None:
+    """Wait for the job process (a thread that sleeps in ``wait``); if it died without
+    a final record (killed, crashed in C, out of memory), write one: failed."""
+    returncode = process.wait()
+    deadline = time.monotonic() + 30.0
+    probe = _FileLock(training_dir(lab) / "job.lock")
+    while not probe.try_acquire():  # the dead job's children may hold it a moment longer
+        if time.monotonic() > deadline:
+            return  # read_job reports it as interrupted once the lock is free
+        time.sleep(0.2)
+    try:
+        data = registry.read_json(_job_file(lab))
+        job = JobRecord.from_dict(data) if isinstance(data, dict) else None
+        if job is None or job.job_id != job_id or not job.active:
+            return
+        tail = ""
+        try:
+            tail = log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            pass
+        job.status, job.finished_at = "failed", _now()
+        job.error = f"the training process ended unexpectedly ({_exit_words(returncode)})"
+        job.message = (f"Failed: {job.error} during {job.phase or 'start-up'}. Nothing was registered or switched; "
+                       f"the app kept running. Its output: {log_path}")
+        job.eta_s = None
+        registry.write_json(_job_file(lab), job.to_dict())
+        if job.run_id:
+            _mark_run(lab, job.run_id, "failed", message=job.message, finished_at=job.finished_at,
+                      output_tail=tail)
+    finally:
+        probe.release()
 
 
 def cancel_training(lab: Lab) -> str:
@@ -868,36 +643,48 @@ def cancel_training(lab: Lab) -> str:
     job = read_job(lab)
     if job is None or not job.active:
         raise NotFound("No training job is running.")
-    if _JOBS.job_id == job.job_id and _JOBS.cancel is not None:
-        _JOBS.cancel.set()
     training_dir(lab).mkdir(parents=True, exist_ok=True)
     (_cancel_file(lab)).write_text(job.job_id)
     return f"Asked the {job.kind} job to stop; it ends after the current batch."
 
 
 def wait_for_training(timeout: float | None = None) -> bool:
-    """Join this process's job thread; True if none is left running."""
-    thread = _JOBS.thread
-    if thread is not None:
-        thread.join(timeout)
-        return not thread.is_alive()
+    """Wait for the job process this app started (and its final record); True if none
+    is left running."""
+    watcher = _JOBS.watcher
+    if watcher is not None:
+        watcher.join(timeout)
+        return not watcher.is_alive()
     return True
 
 
+def running_job_pid() -> int | None:
+    """The process id of the job this app started, while it runs."""
+    process = _JOBS.process
+    return process.pid if process is not None and process.poll() is None else None
+
+
 def run_in_foreground(lab: Lab, req: TrainRequest, echo: bool = True) -> tuple[JobRecord, RunOutcome | None]:
-    """The CLI's way: same job record and lock, in this thread; Ctrl-C cancels."""
+    """The CLI's way: this process is the job's own process; Ctrl-C cancels."""
     with _JOBS.lock:
         reporter, lock, event = _begin(lab, req, echo=echo)
-    req = TrainRequest(**{k: v for k, v in reporter.record.request.items() if not k.startswith("_")})
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, lambda *_: event.set())
     try:
-        outcome = _execute(lab, reporter, req, lock)
+        outcome = _execute(lab, reporter, _request_of(reporter.record), lock)
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
     return reporter.record, outcome
+
+
+def run_job_process(lab: Lab, record: JobRecord, lock: _FileLock, parent_pid: int) -> JobRecord:
+    """The job process's side of ``start_training`` (see ``pipeline.training_process``)."""
+    record.pid = os.getpid()
+    reporter = JobReporter(lab, record, threading.Event(), echo=True, parent_pid=parent_pid)
+    _execute(lab, reporter, _request_of(record), lock)
+    return reporter.record
 
 
 # ============================================================================ results for display
@@ -951,12 +738,14 @@ def augmentation_preview_image(lab: Lab, faces: int = 4, seed: int = 0, input_si
                                 max_chips=faces)
 
 
+
 # ============================================================================ CLI
 
 
 def export_results(lab: Lab, run_id: str, prefix: Path | str, command: str = "") -> list[Path]:
     """Copy a run's evaluation to ``<prefix>.json`` and its plots to ``<prefix>_<plot>.png``
-    (e.g. docs/results/train_detector.json), with the command and machine that made them."""
+    (e.g. docs/results/train_detector.json), with the command, the machine, the three
+    splits (what each holds) and what each step of the run was given."""
     import platform
 
     import torch
@@ -975,14 +764,18 @@ def export_results(lab: Lab, run_id: str, prefix: Path | str, command: str = "")
             comparison["plots"][label] = dest.name
             written.append(dest)
     split = registry.read_json(run_dir / "split.json") or {}
+    stages = registry.read_json(run_dir / "stages.json") or {}
     doc = {
         "command": command, "run_id": run_id, "kind": run.get("kind"), "status": run.get("status"),
-        "request": run.get("request"), "device": run.get("device"),
+        "start": run.get("start"), "request": run.get("request"), "device": run.get("device"),
+        "promotion_decided_on": {name: c.get("data") for name, c in evaluation.items()},
         "train_seconds": run.get("train_seconds"), "epochs_completed": run.get("epochs_completed"),
         "torch_threads_training": run.get("torch_threads_training"),
         "history": run.get("history"), "evaluation": evaluation,
-        "data": {k: (len(v) if isinstance(v, list) else v) for k, v in split.items()},
-        "extra": {k: run[k] for k in ("ultralytics_val", "best_val_metrics", "teacher_val_metrics", "match_threshold",
+        "splits": {"how": split.get("how"), "sizes": split.get("sizes"), "source": split.get("source")},
+        "stages": {name: {k: v for k, v in st.items() if k != "items"} for name, st in stages.items()},
+        "extra": {k: run[k] for k in ("ultralytics_val", "ultralytics_val_data", "best_select_metrics",
+                                      "teacher_select_metrics", "select_data", "match_threshold",
                                       "match_threshold_note") if k in run},
         "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                     "cuda": torch.cuda.is_available(), "load_avg_at_export": os.getloadavg()},
@@ -990,6 +783,18 @@ def export_results(lab: Lab, run_id: str, prefix: Path | str, command: str = "")
     }
     registry.write_json(prefix.with_suffix(".json"), doc)
     return [prefix.with_suffix(".json"), *written]
+
+
+def comparison_lines(name: str, comparison: Comparison) -> list[str]:
+    """A comparison as text: what it was measured on, then one row per metric (each
+    with its data, so a number copied out of context still says where it came from)."""
+    lines = [f"{name}: {', '.join(comparison.names)} (change = candidate - in use)",
+             f"  measured on the {comparison.data}"]
+    for row in comparison.table():
+        metric, data, *values = row
+        cells = " | ".join("-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in values)
+        lines.append(f"  {metric} [{data}]: {cells}")
+    return lines
 
 
 def train_command(lab: Lab, req: TrainRequest, results: Path | None = None, command: str = "") -> int:
@@ -1004,10 +809,9 @@ def train_command(lab: Lab, req: TrainRequest, results: Path | None = None, comm
         for path in export_results(lab, outcome.run_id, results, command):
             print(f"wrote {path}")
     if outcome is not None:
+        print("\nsplits: " + "; ".join(record.splits.values()))
         for name, comparison in outcome.comparisons.items():
-            print(f"\n{name}: {', '.join(comparison.names)} (change = candidate - in use)")
-            for row in comparison.table():
-                print("  " + " | ".join("-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row))
+            print("\n" + "\n".join(comparison_lines(name, comparison)))
         print(f"\nrun folder: {outcome.run_dir}\npromote with: python app.py models promote {outcome.version.id}")
     return {"done": 0, "cancelled": 130}.get(record.status, 1)
 
@@ -1056,24 +860,37 @@ def parse_minutes(value: str | float | None) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
+
+def parse_minutes(value: str | float | None) -> float | None:
+    if value in (None, ""):
+        return None
+    v = float(value)
+    return v if math.isfinite(v) and v > 0 else None
+
+
 def request_from_args(args: Any) -> TrainRequest:
-    """A TrainRequest from ``python app.py train`` arguments."""
+    """A TrainRequest from ``python app.py train`` arguments. ``--model`` is an
+    architecture name, or a checkpoint path the owner of this machine vouches for."""
+    from models.model_files import is_architecture
+
     source, path = "labels", None
     if getattr(args, "from_face_mask", None):
         source, path = "face_mask", args.from_face_mask
     elif getattr(args, "from_lfw", None):
         source, path = "lfw", args.from_lfw
+    model = model_path = None
+    if args.model:
+        model, model_path = (args.model, None) if is_architecture(args.model) or args.model.endswith(
+            (".yaml", ".yml")) else (None, args.model)
     req = TrainRequest(kind=args.kind, source=source, source_path=str(path) if path else None, epochs=args.epochs,
-                       minutes=args.minutes, imgsz=args.imgsz, model=args.model, batch=args.batch, device=args.device,
+                       minutes=args.minutes, imgsz=args.imgsz, model=model, model_path=model_path,
+                       init_version=getattr(args, "from_version", None), batch=args.batch, device=args.device,
                        limit_images=args.limit_images, eval_pairs=args.eval_pairs,
                        max_steps_per_epoch=args.max_steps, validate_every_epoch=not args.no_val,
                        threads=os.cpu_count())  # a CLI run has the process to itself
-    if args.seed is not None:
-        req.seed = args.seed
-    if args.val_fraction is not None:
-        req.val_fraction = args.val_fraction
-    if args.input_size is not None:
-        req.input_size = args.input_size
+    for name in ("seed", "select_fraction", "test_fraction", "input_size"):
+        if getattr(args, name, None) is not None:
+            setattr(req, name, getattr(args, name))
     return req
 
 

@@ -156,8 +156,8 @@ def test_train_embedder_distill_then_arcface(tmp_path):
 
     assert not result.stopped
     # identity-disjoint split, reported back
-    assert len(result.split["val_identities"]) == 2
-    assert set(result.split["train_identities"]).isdisjoint(result.split["val_identities"])
+    assert len(result.split["select_identities"]) == 2
+    assert set(result.split["train_identities"]).isdisjoint(result.split["select_identities"])
     assert result.teacher_metrics["val_acc"] > 0.9  # the teacher codes separate identities
     distill = [h for h in result.history if h["stage"] == "distill"]
     margin = [h for h in result.history if h["stage"] == "margin"]
@@ -203,3 +203,13 @@ def test_time_budget_ends_training(tmp_path):
                               batch_size=4, val_fraction=0.5, num_workers=0, device="cpu", time_limit_min=1e-6)
     result = train_embedder(cfg, cs)
     assert result.history == [] and result.checkpoint is None and not result.stopped
+
+
+def test_train_and_select_sets_must_hold_different_people(tmp_path):
+    """The select set picks the best epoch: a person in both sets would let the
+    trainer pick on faces it learnt."""
+    cs = synthetic_identities(n_ids=4, per_id=3)
+    cfg = EmbedderTrainConfig(output_dir=tmp_path / "run", input_size=32, distill_epochs=1, margin_epochs=0,
+                              batch_size=4, num_workers=0, device="cpu")
+    with pytest.raises(ValueError, match="1 people are in both the training and the select chips"):
+        train_embedder(cfg, cs.subset(np.arange(0, 9)), select=cs.subset(np.arange(6, 12)))

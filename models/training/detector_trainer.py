@@ -11,8 +11,10 @@ ultralytics reaches for the network in a few places; each is closed here:
   and fp16 outputs. ``amp="bf16"`` skips that check (trainer.py: the check runs only when
   ``amp != "bf16"``) and is our default on GPUs with bf16 (Ampere+, e.g. H100/H200);
   ``amp="fp16"`` patches ``trainer.check_amp`` to answer True for the run instead.
-* A ``.yaml`` model (e.g. "yolov8s.yaml") is built from ultralytics' bundled config: no
-  weights are fetched. A ``.pt`` start checkpoint must be a local file.
+* A ``.yaml`` model (e.g. "yolov8s.yaml", one of ``models.model_files.ARCHITECTURES``) is
+  built from ultralytics' bundled config: no weights are fetched or read (from scratch).
+  A ``.pt`` start checkpoint (fine-tuning) must be a local file, and since ultralytics
+  unpickles it, either registered (``model_sha256`` is checked first) or the owner's own.
 
 Progress comes from ultralytics callbacks (``on_train_batch_end``, ``on_fit_epoch_end``);
 ``should_stop()`` sets ``trainer.stop``, which ultralytics checks after every batch, so a
@@ -40,7 +42,10 @@ ProgressFn = Callable[[dict], None]
 class DetectorTrainConfig:
     project: Path | str = "runs/detector"  #: ultralytics' work folder (all its writes go here)
     name: str = "train"
-    model: str = "yolov8s.yaml"  #: a bundled .yaml (from scratch) or a local .pt to fine-tune
+    #: an architecture from models.model_files.ARCHITECTURES (from scratch) or a local .pt
+    #: to fine-tune (unpickled: see resolve_start_model)
+    model: str = "yolov8s.yaml"
+    model_sha256: str | None = None  #: a .pt model must have this digest (a registered checkpoint)
     epochs: int = 100
     imgsz: int = 640
     batch: int = 16
@@ -91,6 +96,11 @@ class DetectorTrainResult:
     seconds: float
     device: str
     notes: list[str]
+    #: the image files ultralytics' train and val loaders read: what trained, and what
+    #: picked best.pt (the dataset's val = the job's select split)
+    trained_on: list[str] = field(default_factory=list)
+    selected_on: list[str] = field(default_factory=list)
+    pretrained: bool = False  #: fine-tuned from a checkpoint (else from scratch)
 
 
 def prepare_ultralytics_env(config_dir: Path | str | None = None) -> None:
@@ -232,102 +242,143 @@ def export_weights(best: Path, out: Path) -> Path:
     return out
 
 
-def train_detector(
-    config: DetectorTrainConfig,
-    data_yaml: Path | str,
-    on_progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> DetectorTrainResult:
-    """Train (see module docstring); returns the exported weights and the metrics."""
-    t0 = time.monotonic()
-    emit = on_progress or (lambda event: None)
-    stop = should_stop or (lambda: False)
-    YOLO = import_ultralytics()
-    data_yaml = ensure_data_yaml(data_yaml)
-    device = _resolve_device(config.device)
-    amp = _amp_argument(config.amp, device)
-    notes: list[str] = []
+def resolve_start_model(model: str, sha256: str | None = None) -> tuple[str, bool]:
+    """(what to hand ultralytics, whether it is pretrained) for ``model``:
 
-    model_spec = str(config.model)
-    if not model_spec.endswith((".yaml", ".yml")) and not Path(model_spec).is_file():
-        from models.errors import WeightsNotFoundError
+    * an architecture name from ``models.model_files.ARCHITECTURES``: built from
+      ultralytics' bundled config, random weights (from scratch);
+    * a local ``.pt``: fine-tuned from it. With ``sha256`` the file must still have that
+      digest (a registered checkpoint); without, the caller vouches for it (the owner's
+      command line). It is unpickled by ultralytics, so nothing else may reach here.
+    """
+    from models.errors import WeightsNotFoundError
+    from models.model_files import check_architecture, verify_sha256
 
-        raise WeightsNotFoundError("yolo", model_spec, "Give a local .pt checkpoint or a bundled .yaml such as yolov8s.yaml.")
-    model = YOLO(model_spec)
+    if model.endswith((".yaml", ".yml")):
+        return check_architecture(model), False
+    if not Path(model).is_file():
+        raise WeightsNotFoundError("yolo", model, "Give a local .pt checkpoint or a bundled .yaml such as yolov8s.yaml.")
+    if sha256 is not None:
+        verify_sha256(model, sha256, "start checkpoint")
+    return str(Path(model).resolve()), True
 
-    history: list[dict[str, Any]] = []
-    state: dict[str, Any] = {"batches": 0, "stopped": False, "final": None, "in_epoch": False}
 
-    def on_batch_end(trainer) -> None:
-        state["batches"] += 1
-        if state["batches"] % 10 == 0:
-            emit({"kind": "step", "epoch": trainer.epoch + 1, "epochs": trainer.epochs, "batches": state["batches"],
-                  "loss": _plain(trainer.tloss)})
-        if not trainer.stop and stop():
-            state["stopped"] = True
+class _TrainingWatch:
+    """ultralytics callbacks: progress events, per-epoch history, the stop request."""
+
+    def __init__(self, emit: ProgressFn, stop: Callable[[], bool]) -> None:
+        self.emit, self.stop = emit, stop
+        self.history: list[dict[str, Any]] = []
+        self.batches = 0
+        self.stopped = False
+        self.final: dict[str, Any] | None = None  #: ultralytics' validation of best.pt
+        self.in_epoch = False
+
+    def attach(self, model) -> None:
+        model.add_callback("on_train_epoch_start", self.on_epoch_start)
+        model.add_callback("on_train_batch_end", self.on_batch_end)
+        model.add_callback("on_fit_epoch_end", self.on_fit_epoch_end)
+
+    def _check_stop(self, trainer) -> None:
+        if not trainer.stop and self.stop():
+            self.stopped = True
             trainer.stop = True
 
-    def on_epoch_start(trainer) -> None:
-        state["in_epoch"] = True
+    def on_epoch_start(self, trainer) -> None:
+        self.in_epoch = True
 
-    def on_fit_epoch_end(trainer) -> None:
+    def on_batch_end(self, trainer) -> None:
+        self.batches += 1
+        if self.batches % 10 == 0:
+            self.emit({"kind": "step", "epoch": trainer.epoch + 1, "epochs": trainer.epochs, "batches": self.batches,
+                       "loss": _plain(trainer.tloss)})
+        self._check_stop(trainer)
+
+    def on_fit_epoch_end(self, trainer) -> None:
         row = {"epoch": trainer.epoch + 1, **_plain(trainer.metrics)}
-        if not state["in_epoch"]:
-            # final_eval's call after the loop: the validation of best.pt
-            state["final"] = row
+        if not self.in_epoch:
+            self.final = row  # final_eval's call after the loop: the validation of best.pt
             return
-        state["in_epoch"] = False
+        self.in_epoch = False
         if trainer.tloss is not None:
             row.update({f"train/{k}": v for k, v in _plain(trainer.tloss).items()})
-        history.append(row)
-        emit({"kind": "epoch", "epochs": trainer.epochs, **row})
-        if not trainer.stop and stop():
-            state["stopped"] = True
-            trainer.stop = True
+        self.history.append(row)
+        self.emit({"kind": "epoch", "epochs": trainer.epochs, **row})
+        self._check_stop(trainer)
 
-    model.add_callback("on_train_epoch_start", on_epoch_start)
-    model.add_callback("on_train_batch_end", on_batch_end)
-    model.add_callback("on_fit_epoch_end", on_fit_epoch_end)
 
+def _train_arguments(config: DetectorTrainConfig, data_yaml: Path, device: str, amp: bool | str,
+                     pretrained: bool) -> dict[str, Any]:
     project = Path(config.project).resolve()
     project.mkdir(parents=True, exist_ok=True)
     args: dict[str, Any] = {
-        "data": str(data_yaml),
-        "epochs": config.epochs,
-        "imgsz": config.imgsz,
-        "batch": config.batch,
-        "device": device,
-        "workers": config.workers,
-        "seed": config.seed,
-        "deterministic": config.deterministic,
-        "optimizer": config.optimizer,
-        "patience": config.patience,
-        "cache": config.cache,
-        "val": config.val,
-        "plots": config.plots,
-        "amp": amp,
-        "project": str(project),
-        "name": config.name,
-        "exist_ok": True,
-        "pretrained": not model_spec.endswith((".yaml", ".yml")),
-        "degrees": config.degrees,
-        "translate": config.translate,
-        "scale": config.scale,
-        "fliplr": config.fliplr,
-        "hsv_h": config.hsv_h,
-        "hsv_s": config.hsv_s,
-        "hsv_v": config.hsv_v,
-        "mosaic": config.mosaic,
-        "close_mosaic": config.close_mosaic,
-        "verbose": False,
+        "data": str(data_yaml), "epochs": config.epochs, "imgsz": config.imgsz, "batch": config.batch,
+        "device": device, "workers": config.workers, "seed": config.seed, "deterministic": config.deterministic,
+        "optimizer": config.optimizer, "patience": config.patience, "cache": config.cache, "val": config.val,
+        "plots": config.plots, "amp": amp, "project": str(project), "name": config.name, "exist_ok": True,
+        "pretrained": pretrained, "degrees": config.degrees, "translate": config.translate, "scale": config.scale,
+        "fliplr": config.fliplr, "hsv_h": config.hsv_h, "hsv_s": config.hsv_s, "hsv_v": config.hsv_v,
+        "mosaic": config.mosaic, "close_mosaic": config.close_mosaic, "verbose": False,
     }
     if config.lr0 is not None:
         args["lr0"] = config.lr0
     if config.time_limit_min is not None:
         args["time"] = config.time_limit_min / 60.0
     args.update(config.extra)
-    emit({"kind": "info", "device": device, "amp": amp, "model": model_spec, "data": str(data_yaml)})
+    return args
 
+
+def _loader_files(loader) -> list[str]:
+    """The image files an ultralytics data loader read (its dataset's ``im_files``)."""
+    return [str(p) for p in getattr(getattr(loader, "dataset", None), "im_files", []) or []]
+
+
+def _export(config: DetectorTrainConfig, trainer, YOLO, notes: list[str]) -> tuple[Path | None, Path | None, str]:
+    """fp16 weights (and ONNX if asked) from ultralytics' best (else last) checkpoint,
+    files this run has just written."""
+    best = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
+    if not best.exists():
+        notes.append("no weights were saved (stopped before the first epoch ended)")
+        return None, None, ""
+    run_dir = Path(trainer.save_dir)
+    weights = export_weights(best, Path(config.output) if config.output else run_dir / "face-yolo.pt")
+    onnx_path = None
+    if config.export_onnx:
+        if importlib.util.find_spec("onnx") is None:
+            notes.append("ONNX export skipped: the onnx package is not installed")
+        else:
+            exported = YOLO(str(weights)).export(format="onnx", imgsz=config.imgsz, dynamic=True,
+                                                 simplify=False, half=False, device="cpu")
+            onnx_path = Path(exported)
+    return weights, onnx_path, f"yolo-{file_sha256(weights)[:12]}"
+
+
+def train_detector(
+    config: DetectorTrainConfig,
+    data_yaml: Path | str,
+    on_progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> DetectorTrainResult:
+    """Train (see module docstring); returns the exported weights and the metrics.
+
+    The dataset's ``val`` images are what ultralytics validates on every epoch and
+    picks ``best.pt`` with: a *select* split, not a place for a fair comparison (callers
+    keep a test split out of the dataset). The result lists the files each loader read.
+    """
+    t0 = time.monotonic()
+    emit = on_progress or (lambda event: None)
+    YOLO = import_ultralytics()
+    data_yaml = ensure_data_yaml(data_yaml)
+    device = _resolve_device(config.device)
+    amp = _amp_argument(config.amp, device)
+    notes: list[str] = []
+    model_spec, pretrained = resolve_start_model(str(config.model), config.model_sha256)
+    model = YOLO(model_spec)
+    watch = _TrainingWatch(emit, should_stop or (lambda: False))
+    watch.attach(model)
+    args = _train_arguments(config, data_yaml, device, amp, pretrained)
+    emit({"kind": "info", "device": device, "amp": amp, "model": model_spec, "data": str(data_yaml),
+          "start": "fine-tune" if pretrained else "from scratch"})
     with _without_polars_if_missing():
         if amp == "fp16":
             with _fp16_amp_check_patched():
@@ -336,34 +387,21 @@ def train_detector(
             model.train(**args)
 
     trainer = model.trainer
-    run_dir = Path(trainer.save_dir)
-    best = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
-    weights = onnx_path = None
-    version = ""
-    if best.exists():
-        weights = export_weights(best, Path(config.output) if config.output else run_dir / "face-yolo.pt")
-        version = f"yolo-{file_sha256(weights)[:12]}"
-        if config.export_onnx:
-            if importlib.util.find_spec("onnx") is None:
-                notes.append("ONNX export skipped: the onnx package is not installed")
-            else:
-                exported = YOLO(str(weights)).export(format="onnx", imgsz=config.imgsz, dynamic=True,
-                                                     simplify=False, half=False, device="cpu")
-                onnx_path = Path(exported)
-    else:
-        notes.append("no weights were saved (stopped before the first epoch ended)")
-    final = state["final"] or (history[-1] if history else {})
-    metrics = {k: v for k, v in final.items() if k != "epoch" and not k.startswith("train/")}
+    weights, onnx_path, version = _export(config, trainer, YOLO, notes)
+    final = watch.final or (watch.history[-1] if watch.history else {})
     return DetectorTrainResult(
         weights=weights,
         onnx=onnx_path,
         version=version,
-        run_dir=run_dir,
-        metrics=metrics,
-        history=history,
-        epochs_completed=len(history),
-        stopped=state["stopped"],
+        run_dir=Path(trainer.save_dir),
+        metrics={k: v for k, v in final.items() if k != "epoch" and not k.startswith("train/")},
+        history=watch.history,
+        epochs_completed=len(watch.history),
+        stopped=watch.stopped,
         seconds=time.monotonic() - t0,
         device=device,
         notes=notes,
+        trained_on=_loader_files(getattr(trainer, "train_loader", None)),
+        selected_on=_loader_files(getattr(trainer, "test_loader", None)),
+        pretrained=pretrained,
     )

@@ -8,13 +8,16 @@ Two stages, either of which can be skipped (0 epochs):
 2. **Margin fine-tuning** (ArcFace or CosFace) on identity labels, optionally keeping a
    smaller distillation term so a small labelled set cannot drag the space far away.
 
-The train/val split is identity-disjoint and seeded (returned in the result). After
-every epoch the model is validated on the val identities: verification accuracy on
-generated same/different pairs (threshold picked on one half of the pairs, measured on
-the other, both ways, averaged) and leave-one-out rank-1. The teacher gets the same
-validation once, as the baseline to beat. Checkpoints (fp16, ``ResNet50Embedder``
-format) go to ``output_dir``: ``last.pt`` and ``best.pt`` (the epoch with the best val
-accuracy, across both stages) every ``save_every`` epochs and at the end of each stage.
+The trainer gets a training set and a *select* set of other people (identity-disjoint;
+split off the training chips by identity when the caller passes none). After every
+epoch the model is validated on the select people: verification accuracy on generated
+same/different pairs (threshold picked on one half of the pairs, measured on the other,
+both ways, averaged) and leave-one-out rank-1. The teacher gets the same validation
+once, as the baseline to beat. The select set picks the best epoch, so it is not a fair
+place to compare the result with anything: callers keep a test set the trainer never
+sees (``pipeline.training``). Checkpoints (fp16, ``ResNet50Embedder`` format) go to
+``output_dir``: ``last.pt`` and ``best.pt`` (the epoch with the best select accuracy,
+across both stages) every ``save_every`` epochs and at the end of each stage.
 ``time_limit_min`` bounds the wall-clock time (the LR schedule follows the clock, so a
 cut-short run still ends annealed). AMP (bf16) and channels_last on CUDA, fp32 on CPU.
 """
@@ -25,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +111,16 @@ class EmbedderTrainResult:
     checkpoint: Path | None  #: best.pt (None if no epoch finished)
     last_checkpoint: Path | None
     best_metrics: dict[str, float]
-    teacher_metrics: dict[str, float]  #: the teacher on the same val pairs (the bar to clear)
+    teacher_metrics: dict[str, float]  #: the teacher on the same select pairs (the bar to clear)
     history: list[dict[str, Any]]
     split: dict[str, Any]
     stopped: bool
     seconds: float
     device: str
+    #: sources of the chips each step actually received (``ChipSet.sources``): the record
+    #: that lets a caller check no test chip trained or selected anything
+    trained_on: list[str] = field(default_factory=list)
+    selected_on: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -266,267 +273,358 @@ def train_embedder(
     teacher_embeddings: np.ndarray | None = None,
     on_progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
+    select: ChipSet | None = None,
 ) -> EmbedderTrainResult:
     """Train (see module docstring). ``chips_or_dataset`` is a ``ChipSet`` or a chip
     ``.npz`` path; ``teacher_embeddings`` overrides the set's own teacher vectors.
+
+    ``select``: the chips that choose the best epoch (people who are not in the training
+    set). None: split them off ``chips_or_dataset`` by identity (``config.val_fraction``);
+    a caller that keeps a test split of its own passes train and select explicitly, so
+    the trainer never sees the test chips.
 
     ``on_progress(event)`` gets dicts with ``kind`` "step" / "epoch" / "info";
     ``should_stop()`` is polled every step and ends training early (the result then
     has ``stopped=True`` and the best checkpoint written so far, if any).
     """
-    t_start = time.monotonic()
     cs = chips_or_dataset if isinstance(chips_or_dataset, ChipSet) else load_chipset(chips_or_dataset)
-    teacher = teacher_embeddings if teacher_embeddings is not None else cs.teacher
-    if teacher is not None:
-        teacher = np.asarray(teacher, dtype=np.float32)
-        if len(teacher) != len(cs):
-            raise ValueError(f"{len(teacher)} teacher embeddings for {len(cs)} chips")
-    emit = on_progress or (lambda event: None)
-    stop = should_stop or (lambda: False)
-    device = _resolve_device(config.device)
-    use_amp = bool(config.amp and device.type == "cuda")
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if teacher_embeddings is not None:
+        if len(teacher_embeddings) != len(cs):
+            raise ValueError(f"{len(teacher_embeddings)} teacher embeddings for {len(cs)} chips")
+        cs = replace(cs, teacher=np.asarray(teacher_embeddings, dtype=np.float32))
+    if select is None:
+        train_idx, select_idx, _, _ = identity_split(cs.labels, config.val_fraction, config.seed)
+        cs, select = cs.subset(train_idx), cs.subset(select_idx)
+    return EmbedderTrainer(config, cs, select, on_progress, should_stop).run()
 
-    # ---- identity-disjoint split
-    train_idx, val_idx, train_ids, val_ids = identity_split(cs.labels, config.val_fraction, config.seed)
-    split = {
-        "seed": config.seed,
-        "val_fraction": config.val_fraction,
-        "train_identities": [cs.identities[i] for i in train_ids],
-        "val_identities": [cs.identities[i] for i in val_ids],
-        "train_chips": int(len(train_idx)),
-        "val_chips": int(len(val_idx)),
-    }
-    val_labels = cs.labels[val_idx]
-    pairs = make_pairs(val_labels, config.val_pairs, config.seed)
-    val_chips = cs.chips[val_idx]
-    teacher_metrics: dict[str, float] = {}
-    if teacher is not None and len(pairs):
-        teacher_metrics = evaluate_embeddings(teacher[val_idx], val_labels, pairs)
-    emit({"kind": "info", "split": {k: v for k, v in split.items() if not k.endswith("identities")},
-          "val_pairs": int(len(pairs)), "teacher_metrics": teacher_metrics, "device": str(device)})
 
-    # ---- model
-    meta: dict[str, Any] = {
-        **DEFAULT_META,
-        "embedding_dim": config.embedding_dim,
-        "input_size": config.input_size,
-        "chip_padding": config.chip_padding,
-        "mean": list(config.mean),
-        "std": list(config.std),
-        "dropout": config.dropout,
-    }
-    net: ResNet50EmbeddingNet = build_net(meta)
-    if config.init_checkpoint is not None:
-        state, init_meta = load_checkpoint(config.init_checkpoint)
-        for key in ("embedding_dim", "input_size", "mean", "std"):
-            if init_meta[key] != meta[key]:
-                raise ValueError(f"init checkpoint has {key}={init_meta[key]}, config says {meta[key]}")
-        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    net.to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(config.std, device=device).view(1, 3, 1, 1)
+@dataclass
+class _Stage:
+    """One training stage, ready to run: its data, losses, parameters and budget."""
 
-    workers = config.num_workers
-    if workers is None:
-        workers = 0 if device.type == "cpu" else max(0, min(12, (os.cpu_count() or 2) - 2))
-    transform = build_train_transform(config.augment, config.input_size)
+    name: str  #: "distill" or "margin"
+    epochs: int
+    loader: DataLoader
+    params: list[nn.Parameter]
+    lr: float
+    steps_per_epoch: int
+    head: nn.Module | None = None
+    distill: nn.Module | None = None
+    budget_s: float | None = None  #: this stage's share of the time limit
 
-    def loader(index: np.ndarray, targets: np.ndarray, tvec: np.ndarray | None) -> DataLoader:
-        ds = _ChipDataset(cs.chips[index], targets, tvec, transform)
-        bs = min(config.batch_size, len(ds))
-        g = torch.Generator()
-        g.manual_seed(config.seed)
-        return DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True, num_workers=workers,
-                          pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                          worker_init_fn=_seed_worker, generator=g)
 
-    history: list[dict[str, Any]] = []
-    best_acc = -1.0
-    best_metrics: dict[str, float] = {}
-    best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
-    wrote_best = wrote_last = False
-    best: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
-    last_meta: dict[str, Any] | None = None
-    saved_epoch = 0
+class _Checkpoints:
+    """best.pt / last.pt: the best epoch's weights are kept in memory (writing 50 MB every
+    epoch would cost more than a short GPU epoch) and written every ``save_every`` epochs
+    and at the end of each stage."""
 
-    def flush() -> None:
-        nonlocal wrote_best, wrote_last, saved_epoch
-        if last_meta is None or saved_epoch == global_epoch:
+    def __init__(self, out_dir: Path, save_every: int) -> None:
+        self.best_path, self.last_path = out_dir / "best.pt", out_dir / "last.pt"
+        self.save_every = save_every
+        self.best_acc = -1.0
+        self.best_metrics: dict[str, float] = {}
+        self._best: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+        self._last_meta: dict[str, Any] | None = None
+        self._saved_epoch = 0
+        self.wrote_best = self.wrote_last = False
+
+    def epoch_done(self, net: nn.Module, row: dict[str, Any], meta: dict[str, Any], global_epoch: int,
+                   can_select: bool) -> None:
+        acc = float(row.get("val_acc", -1.0))
+        if not can_select or acc > self.best_acc:
+            self.best_acc = acc
+            self.best_metrics = _floats(row)
+            self._best = ({k: v.detach().clone() for k, v in net.state_dict().items()}, meta)
+        self._last_meta = meta
+        if global_epoch % self.save_every == 0:
+            self.flush(net, global_epoch)
+
+    def flush(self, net: nn.Module, global_epoch: int) -> None:
+        if self._last_meta is None or self._saved_epoch == global_epoch:
             return
-        save_checkpoint(net, last_meta, last_path)
-        wrote_last = True
-        if best is not None:
-            save_checkpoint(best[0], best[1], best_path)
-            wrote_best = True
-        saved_epoch = global_epoch
+        save_checkpoint(net, self._last_meta, self.last_path)
+        self.wrote_last = True
+        if self._best is not None:
+            save_checkpoint(self._best[0], self._best[1], self.best_path)
+            self.wrote_best = True
+        self._saved_epoch = global_epoch
 
-    stopped = False
-    global_epoch = 0
 
-    # centred, unit-length teacher targets (see SimilarityDistillationLoss)
-    teacher_targets = None
-    if teacher is not None:
-        centre = teacher[train_idx].mean(axis=0, keepdims=True) if config.center_teacher else 0.0
-        teacher_targets = teacher - centre
-        teacher_targets /= np.maximum(np.linalg.norm(teacher_targets, axis=1, keepdims=True), 1e-12)
-        meta["teacher_centre_applied"] = bool(config.center_teacher)
+class EmbedderTrainer:
+    """The steps of a run, in the order ``run`` calls them (as ultralytics splits its
+    trainer): device, selection data, model, teacher targets, stages; then per stage
+    ``train_epoch`` and ``validate`` until its epochs or its time share are spent."""
 
-    stages: list[tuple[str, int]] = []
-    if config.distill_epochs > 0:
-        if teacher_targets is None:
-            raise ValueError("distill_epochs > 0 needs teacher embeddings (set distill_epochs=0 to skip)")
-        stages.append(("distill", config.distill_epochs))
-    if config.margin_epochs > 0:
-        stages.append(("margin", config.margin_epochs))
-    if not stages:
-        raise ValueError("nothing to train: distill_epochs and margin_epochs are both 0")
+    def __init__(self, config: EmbedderTrainConfig, train: ChipSet, select: ChipSet,
+                 on_progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> None:
+        self.config = config
+        self.train_set, self.select_set = train, select
+        self.emit = on_progress or (lambda event: None)
+        self.stop = should_stop or (lambda: False)
+        self.history: list[dict[str, Any]] = []
+        self.global_epoch = 0
+        self.stopped = False
+        self.trained_on: set[str] = set()
 
-    for stage, epochs in stages:
-        distill = None
-        head = None
-        if stage == "distill":
-            dl = loader(train_idx, cs.labels[train_idx], teacher_targets[train_idx])
-            distill = SimilarityDistillationLoss(config.embedding_dim, teacher_targets.shape[1],
-                                                 config.distill_pair_weight).to(device)
-            params = list(net.parameters()) + list(distill.parameters())
-            lr = config.lr
+    # -- setup -----------------------------------------------------------------------
+    def setup_device(self) -> None:
+        cfg = self.config
+        self.device = _resolve_device(cfg.device)
+        self.use_amp = bool(cfg.amp and self.device.type == "cuda")  # bf16 on CPU is emulated on most CPUs
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.out_dir = Path(cfg.output_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def setup_selection(self) -> None:
+        """Same/different pairs among the select chips, and the teacher measured on them
+        (the bar the student has to clear)."""
+        cfg, sel, tr = self.config, self.select_set, self.train_set
+        train_ids = sorted({int(v) for v in tr.labels if v >= 0})
+        select_ids = sorted({int(v) for v in sel.labels if v >= 0})
+        overlap = set(train_ids) & set(select_ids)
+        if overlap:
+            raise ValueError(f"{len(overlap)} people are in both the training and the select chips")
+        self.pairs = make_pairs(sel.labels, cfg.val_pairs, cfg.seed)
+        self.teacher_metrics: dict[str, float] = {}
+        if sel.teacher is not None and len(self.pairs):
+            self.teacher_metrics = evaluate_embeddings(np.asarray(sel.teacher, np.float32), sel.labels, self.pairs)
+        self.split = {
+            "seed": cfg.seed,
+            "train_identities": [tr.identities[i] for i in train_ids],
+            "select_identities": [sel.identities[i] for i in select_ids],
+            "train_chips": int(len(tr)),
+            "select_chips": int(len(sel)),
+            "select_pairs": int(len(self.pairs)),
+        }
+        self.emit({"kind": "info", "split": {k: v for k, v in self.split.items() if not k.endswith("identities")},
+                   "teacher_metrics": self.teacher_metrics, "device": str(self.device)})
+
+    def build_model(self) -> None:
+        cfg = self.config
+        self.meta: dict[str, Any] = {
+            **DEFAULT_META, "embedding_dim": cfg.embedding_dim, "input_size": cfg.input_size,
+            "chip_padding": cfg.chip_padding, "mean": list(cfg.mean), "std": list(cfg.std), "dropout": cfg.dropout,
+        }
+        net: ResNet50EmbeddingNet = build_net(self.meta)
+        if cfg.init_checkpoint is not None:  # fine-tuning: load_checkpoint reads with weights_only=True
+            state, init_meta = load_checkpoint(cfg.init_checkpoint)
+            for key in ("embedding_dim", "input_size", "mean", "std"):
+                if init_meta[key] != self.meta[key]:
+                    raise ValueError(f"init checkpoint has {key}={init_meta[key]}, config says {self.meta[key]}")
+            net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        net.to(self.device)
+        if self.device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        self.net = net
+        self.mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1)
+        workers = cfg.num_workers
+        if workers is None:
+            workers = 0 if self.device.type == "cpu" else max(0, min(12, (os.cpu_count() or 2) - 2))
+        self.workers = workers
+        self.transform = build_train_transform(cfg.augment, cfg.input_size)
+
+    def setup_teacher_targets(self) -> None:
+        """Centred, unit-length teacher targets of the training chips (see
+        SimilarityDistillationLoss); the centre comes from the training chips only."""
+        teacher = self.train_set.teacher
+        self.teacher_targets = None
+        if teacher is None:
+            return
+        teacher = np.asarray(teacher, dtype=np.float32)
+        centre = teacher.mean(axis=0, keepdims=True) if self.config.center_teacher else 0.0
+        targets = teacher - centre
+        targets /= np.maximum(np.linalg.norm(targets, axis=1, keepdims=True), 1e-12)
+        self.teacher_targets = targets
+        self.meta["teacher_centre_applied"] = bool(self.config.center_teacher)
+
+    def plan_stages(self) -> list[tuple[str, int]]:
+        cfg = self.config
+        stages: list[tuple[str, int]] = []
+        if cfg.distill_epochs > 0:
+            if self.teacher_targets is None:
+                raise ValueError("distill_epochs > 0 needs teacher embeddings (set distill_epochs=0 to skip)")
+            stages.append(("distill", cfg.distill_epochs))
+        if cfg.margin_epochs > 0:
+            stages.append(("margin", cfg.margin_epochs))
+        if not stages:
+            raise ValueError("nothing to train: distill_epochs and margin_epochs are both 0")
+        return stages
+
+    def loader(self, index: np.ndarray, targets: np.ndarray, tvec: np.ndarray | None) -> DataLoader:
+        cfg, cs = self.config, self.train_set
+        if cs.sources:
+            self.trained_on.update(cs.sources[i] for i in index)
+        ds = _ChipDataset(cs.chips[index], targets, tvec, self.transform)
+        g = torch.Generator()
+        g.manual_seed(cfg.seed)
+        return DataLoader(ds, batch_size=min(cfg.batch_size, len(ds)), shuffle=True, drop_last=True,
+                          num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                          persistent_workers=self.workers > 0, worker_init_fn=_seed_worker, generator=g)
+
+    def build_stage(self, name: str, epochs: int, total_epochs: int) -> _Stage:
+        cfg, cs, dim = self.config, self.train_set, self.config.embedding_dim
+        every = np.arange(len(cs))
+        tt = self.teacher_targets
+        if name == "distill":
+            distill = SimilarityDistillationLoss(dim, tt.shape[1], cfg.distill_pair_weight).to(self.device)
+            stage = _Stage(name, epochs, self.loader(every, cs.labels, tt), list(self.net.parameters())
+                           + list(distill.parameters()), cfg.lr, 0, distill=distill)
         else:
-            lab = cs.labels[train_idx]
-            ids, counts = np.unique(lab[lab >= 0], return_counts=True)
-            keep_ids = ids[counts >= config.min_images_per_class]
+            ids, counts = np.unique(cs.labels[cs.labels >= 0], return_counts=True)
+            keep_ids = ids[counts >= cfg.min_images_per_class]
             if len(keep_ids) < 2:
-                raise ValueError(f"margin stage needs 2+ training identities with {config.min_images_per_class}+ chips")
+                raise ValueError(f"margin stage needs 2+ training identities with {cfg.min_images_per_class}+ chips")
             remap = {int(old): new for new, old in enumerate(keep_ids)}
-            sel = train_idx[np.isin(lab, keep_ids)]
+            sel = every[np.isin(cs.labels, keep_ids)]
             targets = np.asarray([remap[int(v)] for v in cs.labels[sel]], dtype=np.int64)
-            use_distill = teacher_targets is not None and config.stage2_distill_weight > 0
-            dl = loader(sel, targets, teacher_targets[sel] if use_distill else None)
-            head = make_margin_head(config.margin_loss, config.embedding_dim, len(keep_ids),
-                                    config.margin_scale, config.margin).to(device)
-            params = list(net.parameters()) + list(head.parameters())
-            if use_distill:
-                distill = SimilarityDistillationLoss(config.embedding_dim, teacher_targets.shape[1],
-                                                     config.distill_pair_weight).to(device)
-                params += list(distill.parameters())
-            lr = config.margin_lr or config.lr / 2
-            emit({"kind": "info", "stage": stage, "classes": int(len(keep_ids)), "chips": int(len(sel))})
+            use_distill = tt is not None and cfg.stage2_distill_weight > 0
+            head = make_margin_head(cfg.margin_loss, dim, len(keep_ids), cfg.margin_scale, cfg.margin).to(self.device)
+            distill = (SimilarityDistillationLoss(dim, tt.shape[1], cfg.distill_pair_weight).to(self.device)
+                       if use_distill else None)
+            params = list(self.net.parameters()) + list(head.parameters())
+            params += list(distill.parameters()) if distill is not None else []
+            stage = _Stage(name, epochs, self.loader(sel, targets, tt[sel] if use_distill else None), params,
+                           cfg.margin_lr or cfg.lr / 2, 0, head=head, distill=distill)
+            self.emit({"kind": "info", "stage": name, "classes": int(len(keep_ids)), "chips": int(len(sel))})
+        n = len(stage.loader)
+        stage.steps_per_epoch = n if cfg.max_steps_per_epoch is None else min(n, cfg.max_steps_per_epoch)
+        if stage.steps_per_epoch == 0:
+            raise ValueError(f"stage {name}: no full batch of training chips")
+        if cfg.time_limit_min is not None:
+            stage.budget_s = cfg.time_limit_min * 60.0 * epochs / total_epochs
+        return stage
 
-        steps_per_epoch = len(dl) if config.max_steps_per_epoch is None else min(len(dl), config.max_steps_per_epoch)
-        if steps_per_epoch == 0:
-            raise ValueError(f"stage {stage}: no full batch of training chips")
-        total = steps_per_epoch * epochs
-        budget_s = None
-        if config.time_limit_min is not None:
-            share = epochs / sum(e for _, e in stages)
-            budget_s = config.time_limit_min * 60.0 * share
-        opt = _adamw(params, lr, config.weight_decay)
-        step = 0
-        stage_t0 = time.monotonic()
-        stage_done = False
-        for epoch in range(epochs):
-            net.train()
+    # -- the loop ----------------------------------------------------------------------
+    def train_step(self, stage: _Stage, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+                   where: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = x.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = (x.float().div_(255.0) - self.mean) / self.std
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            emb = self.net(x)
+        parts: dict[str, torch.Tensor] = {}
+        if stage.head is not None:
+            labels = y.to(self.device)
+            parts["margin"] = F.cross_entropy(stage.head(emb, labels), labels)
+        if stage.distill is not None:
+            d = stage.distill(emb, t.to(self.device, non_blocking=True))
+            weight = 1.0 if stage.name == "distill" else self.config.stage2_distill_weight
+            parts["distill"] = weight * d["loss"]
+            parts["pair"] = d["pair"]
+        loss = sum(v for k, v in parts.items() if k != "pair")
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at {where}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(stage.params, 5.0)
+        self.opt.step()
+        return loss, parts
+
+    def train_epoch(self, stage: _Stage, epoch: int) -> tuple[dict[str, float], int, bool]:
+        """One pass over the stage's loader: (mean losses, batches run, stage time spent)."""
+        cfg = self.config
+        self.net.train()
+        sums: dict[str, float] = {}
+        n_batches = 0
+        total = stage.steps_per_epoch * stage.epochs
+        for x, y, t in stage.loader:
+            if n_batches >= stage.steps_per_epoch:
+                break
+            if self.stop():
+                self.stopped = True
+                break
+            progress = self.step / total
+            if stage.budget_s is not None:
+                progress = max(progress, (time.monotonic() - self.stage_t0) / stage.budget_s)
+            if progress >= 1.0:
+                return sums, n_batches, True  # time share spent: the LR has already reached 0
+            for g in self.opt.param_groups:
+                g["lr"] = stage.lr * _lr_factor(progress, cfg.warmup_fraction)
+            loss, parts = self.train_step(stage, x, y, t, f"{stage.name} epoch {epoch} step {self.step}")
+            self.step += 1
+            n_batches += 1
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            if self.step % cfg.log_every == 0:
+                self.emit({"kind": "step", "stage": stage.name, "epoch": epoch, "epochs": stage.epochs,
+                           "step": n_batches, "steps": stage.steps_per_epoch, "loss": float(loss.detach()),
+                           "lr": self.opt.param_groups[0]["lr"]})
+        return sums, n_batches, False
+
+    def validate(self) -> dict[str, float]:
+        """The student on the select chips' pairs (what picks the best epoch)."""
+        if not len(self.pairs):
+            return {}
+        cfg = self.config
+        emb = embed_chip_array(self.net, self.select_set.chips, self.meta, self.device,
+                               batch_size=max(64, cfg.batch_size), amp=self.use_amp)
+        return evaluate_embeddings(emb, self.select_set.labels, self.pairs)
+
+    def checkpoint_meta(self, stage: str, epoch: int, row: dict[str, Any]) -> dict[str, Any]:
+        return {**self.meta, "training": {
+            "config": self.config.to_dict(), "stage": stage, "epoch": epoch, "global_epoch": self.global_epoch,
+            "metrics": _floats(row), "teacher_metrics": self.teacher_metrics, "data": _jsonable(self.train_set.meta),
+            "split_seed": self.config.seed, "train_chips": self.split["train_chips"],
+            "select_identities": len(self.split["select_identities"]), "torch": str(torch.__version__)}}
+
+    def run_stage(self, stage: _Stage) -> None:
+        self.opt = _adamw(stage.params, stage.lr, self.config.weight_decay)
+        self.step = 0
+        self.stage_t0 = time.monotonic()
+        for epoch in range(1, stage.epochs + 1):
             t_epoch = time.monotonic()
-            sums: dict[str, float] = {}
-            n_batches = 0
-            for x, y, t in dl:
-                if n_batches >= steps_per_epoch:
-                    break
-                if stop():
-                    stopped = True
-                    break
-                progress = step / total
-                if budget_s is not None:
-                    progress = max(progress, (time.monotonic() - stage_t0) / budget_s)
-                if progress >= 1.0:
-                    stage_done = True  # time share spent: the LR has already reached 0
-                    break
-                for g in opt.param_groups:
-                    g["lr"] = lr * _lr_factor(progress, config.warmup_fraction)
-                x = x.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                x = (x.float().div_(255.0) - mean) / std
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    emb = net(x)
-                parts: dict[str, torch.Tensor] = {}
-                if head is not None:
-                    logits = head(emb, y.to(device))
-                    parts["margin"] = F.cross_entropy(logits, y.to(device))
-                if distill is not None:
-                    d = distill(emb, t.to(device, non_blocking=True))
-                    w = 1.0 if stage == "distill" else config.stage2_distill_weight
-                    parts["distill"] = w * d["loss"]
-                    parts["pair"] = d["pair"]
-                loss = sum(v for k, v in parts.items() if k != "pair")
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at {stage} epoch {epoch + 1} step {step}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(params, 5.0)
-                opt.step()
-                step += 1
-                n_batches += 1
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                if step % config.log_every == 0:
-                    emit({"kind": "step", "stage": stage, "epoch": epoch + 1, "epochs": epochs, "step": n_batches,
-                          "steps": steps_per_epoch, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"]})
+            sums, n_batches, spent = self.train_epoch(stage, epoch)
             if n_batches == 0:
                 break
-            global_epoch += 1
-            row: dict[str, Any] = {"stage": stage, "epoch": epoch + 1, "global_epoch": global_epoch,
+            self.global_epoch += 1
+            row: dict[str, Any] = {"stage": stage.name, "epoch": epoch, "global_epoch": self.global_epoch,
                                    "steps": n_batches, "train_s": time.monotonic() - t_epoch,
-                                   "lr_end": opt.param_groups[0]["lr"]}
+                                   "lr_end": self.opt.param_groups[0]["lr"]}
             row.update({f"train_{k}": v / n_batches for k, v in sums.items()})
-            if len(pairs):
-                emb_val = embed_chip_array(net, val_chips, meta, device, batch_size=max(64, config.batch_size),
-                                           amp=use_amp)
-                row.update(evaluate_embeddings(emb_val, val_labels, pairs))
-            history.append(row)
-            ckpt_meta = {**meta, "training": {"config": config.to_dict(), "stage": stage, "epoch": epoch + 1,
-                                              "global_epoch": global_epoch, "metrics": _floats(row),
-                                              "teacher_metrics": teacher_metrics, "data": _jsonable(cs.meta),
-                                              "split_seed": config.seed, "train_chips": split["train_chips"],
-                                              "val_identities": len(val_ids), "torch": str(torch.__version__)}}
-            acc = float(row.get("val_acc", -1.0))
-            if not len(pairs) or acc > best_acc:
-                # keep the best weights in memory; writing 50 MB every epoch would cost
-                # more than a short GPU epoch
-                best_acc = acc
-                best_metrics = _floats(row)
-                best = ({k: v.detach().clone() for k, v in net.state_dict().items()}, ckpt_meta)
-            last_meta = ckpt_meta
-            if global_epoch % config.save_every == 0:
-                flush()
-            emit({"kind": "epoch", **_floats(row), "stage": stage, "best_val_acc": best_acc})
-            if stopped or stage_done:
+            row.update(self.validate())
+            self.history.append(row)
+            self.checkpoints.epoch_done(self.net, row, self.checkpoint_meta(stage.name, epoch, row),
+                                        self.global_epoch, can_select=bool(len(self.pairs)))
+            self.emit({"kind": "epoch", **_floats(row), "stage": stage.name, "best_val_acc": self.checkpoints.best_acc})
+            if self.stopped or spent:
                 break
-        flush()  # every stage ends with both files on disk
-        if stopped:
-            break
+        self.checkpoints.flush(self.net, self.global_epoch)  # every stage ends with both files on disk
 
-    return EmbedderTrainResult(
-        checkpoint=best_path if wrote_best else None,
-        last_checkpoint=last_path if wrote_last else None,
-        best_metrics=best_metrics,
-        teacher_metrics=teacher_metrics,
-        history=history,
-        split=split,
-        stopped=stopped,
-        seconds=time.monotonic() - t_start,
-        device=str(device),
-    )
+    def run(self) -> EmbedderTrainResult:
+        t_start = time.monotonic()
+        self.setup_device()
+        self.setup_selection()
+        self.build_model()
+        self.setup_teacher_targets()
+        plan = self.plan_stages()
+        self.checkpoints = _Checkpoints(self.out_dir, self.config.save_every)
+        total_epochs = sum(e for _, e in plan)
+        for name, epochs in plan:
+            self.run_stage(self.build_stage(name, epochs, total_epochs))
+            if self.stopped:
+                break
+        ck = self.checkpoints
+        return EmbedderTrainResult(
+            checkpoint=ck.best_path if ck.wrote_best else None,
+            last_checkpoint=ck.last_path if ck.wrote_last else None,
+            best_metrics=ck.best_metrics,
+            teacher_metrics=self.teacher_metrics,
+            history=self.history,
+            split=self.split,
+            stopped=self.stopped,
+            seconds=time.monotonic() - t_start,
+            device=str(self.device),
+            trained_on=sorted(self.trained_on),
+            selected_on=list(self.select_set.sources) if len(self.pairs) else [],
+        )
 
 
 def _floats(row: dict[str, Any]) -> dict[str, Any]:
