@@ -70,6 +70,12 @@ def enroll(lab: Lab, face_id: int, name: str, user: str = "local") -> PersonSumm
             raise Conflict(f"Someone else just changed face {face_id} or created {name!r}; try again.") from exc
 
 
+def get_person(lab: Lab, name: str) -> PersonSummary:
+    """One person by name (ignoring case); NotFound if there is none."""
+    with lab.sessions() as session:
+        return _summary(session, _require(session, name))
+
+
 def list_people(lab: Lab) -> list[PersonSummary]:
     with lab.sessions() as session:
         people = session.scalars(select(Identity).order_by(func.lower(Identity.name))).all()

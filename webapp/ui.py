@@ -56,9 +56,10 @@ def build_ui(lab: Lab) -> gr.Blocks:
         with gr.Tab("Search", id="search"):
             _search_tab(lab)
         with gr.Tab("People", id="people") as people_tab:
-            refresh_people, people_outputs = _people_tab(lab)
+            refresh_people, people_outputs, merge_choices, merge_into = _people_tab(lab)
         # the list is fresh whenever someone opens the tab (names change in other tabs)
-        people_tab.select(refresh_people, outputs=people_outputs, api_visibility="private")
+        people_tab.select(refresh_people, outputs=people_outputs, api_visibility="private").success(
+            merge_choices, None, merge_into, api_visibility="private", queue=False)
         with gr.Tab("Data", id="data"):
             build_data_tab(lab)
         with gr.Tab("Train", id="train"):
@@ -153,30 +154,48 @@ def _search_tab(lab: Lab) -> None:
     )
 
 
-def _people_tab(lab: Lab) -> tuple[Any, list[Any]]:
+def _people_tab(lab: Lab) -> tuple[Any, list[Any], Any, Any]:
+    """People: click a face or a row to select a person; rename, merge and delete act on
+    the selection. Delete asks first, saying what goes and that it is final."""
     refresh = gr.Button("Refresh", size="sm", elem_id="people-refresh")
-    gallery = gr.Gallery(label="People", columns=10, height=220, fit_columns=False, elem_id="people-gallery")
-    table = gr.Dataframe(headers=PEOPLE_TABLE_HEADERS, label="People", interactive=False, elem_id="people-table")
+    gallery = gr.Gallery(label="People (click one to select them)", columns=10, height=220, fit_columns=False,
+                         allow_preview=False, elem_id="people-gallery")
+    table = gr.Dataframe(headers=PEOPLE_TABLE_HEADERS, label="People (click a row to select them)",
+                         interactive=False, elem_id="people-table")
     message = gr.Markdown(elem_id="people-message")
+    gallery_names = gr.State([])
+    selected = gr.Textbox(label="Selected person (click a face or a row above, or type a name)",
+                          elem_id="people-selected")
     with gr.Row():
         with gr.Column():
-            rename_from = gr.Textbox(label="Rename: current name")
-            rename_to = gr.Textbox(label="New name")
-            rename_button = gr.Button("Rename")
+            rename_to = gr.Textbox(label="New name", elem_id="people-rename-to")
+            rename_button = gr.Button("Rename", elem_id="people-rename")
         with gr.Column():
-            merge_from = gr.Textbox(label="Merge: move every face of")
-            merge_into = gr.Textbox(label="into")
-            merge_button = gr.Button("Merge")
+            merge_into = gr.Dropdown(label="Merge: move every face of the selected person into",
+                                     choices=[], value=None, allow_custom_value=True, elem_id="people-merge-into")
+            merge_button = gr.Button("Merge", elem_id="people-merge")
         with gr.Column():
-            delete_name = gr.Textbox(label="Delete: name")
-            delete_confirm = gr.Checkbox(label="Also delete their faces, embeddings and index entries")
-            delete_button = gr.Button("Delete person", variant="stop")
+            delete_faces = gr.Checkbox(label="Also delete their faces, embeddings and index entries (privacy delete)",
+                                       elem_id="people-delete-faces")
+            delete_button = gr.Button("Delete person…", variant="stop", elem_id="people-delete")
+    with gr.Group(visible=False, elem_id="people-confirm") as confirm_box:
+        confirm_text = gr.Markdown(elem_id="people-confirm-text")
+        # what the question was about: the second click deletes exactly that, even if the
+        # selection changes in between
+        confirm_name = gr.Textbox(visible="hidden", label="Person to delete", elem_id="people-confirm-name")
+        confirm_faces = gr.Checkbox(visible="hidden", label="With their faces", elem_id="people-confirm-faces")
+        with gr.Row():
+            confirm_button = gr.Button("Yes, delete for good", variant="stop", elem_id="people-confirm-yes")
+            cancel_button = gr.Button("Cancel", elem_id="people-confirm-no")
 
     def people_outputs(text: str = "") -> tuple[Any, ...]:
         view = views.people(lab)
-        return view.gallery, view.rows, text or view.message
+        return view.gallery, view.rows, text or view.message, view.gallery_names
 
-    def guarded(action, api_name: str):  # noqa: ANN001, ANN202 - small adapter for the three edit actions
+    # (gallery_names is a State: the API still answers gallery, table, message)
+    outputs = [gallery, table, message, gallery_names]
+
+    def guarded(action, api_name: str):  # noqa: ANN001, ANN202 - small adapter for rename and merge
         def run(first: Any, second: Any, request: gr.Request) -> tuple[Any, ...]:
             try:
                 user = auth.require_endpoint(lab, request.username, api_name)
@@ -186,7 +205,16 @@ def _people_tab(lab: Lab) -> tuple[Any, list[Any]]:
 
         return run
 
-    outputs = [gallery, table, message]
+    def merge_choices(request: gr.Request) -> Any:
+        """Everyone's name, as targets to merge into (after every change to the list)."""
+        try:
+            auth.require_endpoint(lab, request.username, "list_people")
+        except FaceLabError:
+            return gr.skip()
+        return gr.update(choices=views.person_names(lab), value=None)
+
+    def listed(dependency: Any) -> Any:
+        return dependency.success(merge_choices, None, merge_into, api_visibility="private", queue=False)
 
     def on_refresh(request: gr.Request) -> tuple[Any, ...]:
         try:
@@ -195,14 +223,57 @@ def _people_tab(lab: Lab) -> tuple[Any, list[Any]]:
             raise _user_error(exc) from exc
         return people_outputs()
 
-    refresh.click(on_refresh, outputs=outputs, api_name="list_people")
-    rename_button.click(guarded(views.rename_person, "rename_person"), [rename_from, rename_to], outputs,
-                        api_name="rename_person")
-    merge_button.click(guarded(views.merge_people, "merge_people"), [merge_from, merge_into], outputs,
-                       api_name="merge_people")
-    delete_button.click(guarded(views.delete_person, "delete_person"), [delete_name, delete_confirm], outputs,
-                        api_name="delete_person")
-    return people_outputs, outputs
+    listed(refresh.click(on_refresh, outputs=outputs, api_name="list_people"))
+
+    # -- selecting --------------------------------------------------------------------------
+    def on_gallery(names: list[str], event: gr.SelectData) -> Any:
+        index = event.index if isinstance(event.index, int) else None
+        return names[index] if index is not None and 0 <= index < len(names) else gr.skip()
+
+    gallery.select(on_gallery, [gallery_names], selected, api_visibility="private", queue=False)
+
+    def on_row(event: gr.SelectData) -> Any:
+        row = event.row_value if isinstance(event.row_value, list) else None
+        return str(row[1]) if row and len(row) > 1 and row[1] not in (None, "") else gr.skip()
+
+    table.select(on_row, None, selected, api_visibility="private", queue=False)
+
+    # -- acting on the selection ----------------------------------------------------------------
+    # afterwards the selection follows the person: their new name, or the one merged into
+    renamed = rename_button.click(guarded(views.rename_person, "rename_person"), [selected, rename_to], outputs,
+                                  api_name="rename_person")
+    listed(renamed.success(lambda new: new, rename_to, selected, api_visibility="private", queue=False))
+    merged = merge_button.click(guarded(views.merge_people, "merge_people"), [selected, merge_into], outputs,
+                                api_name="merge_people")
+    # (the selection first: refreshing the merge list clears merge_into)
+    listed(merged.success(lambda into: into, merge_into, selected, api_visibility="private", queue=False))
+
+    def on_delete_asked(name: str, with_faces: bool, request: gr.Request) -> tuple[Any, ...]:
+        try:
+            auth.require_endpoint(lab, request.username, "delete_person")
+            text = views.delete_confirmation(lab, name, bool(with_faces))
+        except FaceLabError as exc:
+            raise _user_error(exc) from exc
+        return gr.update(visible=True), text, name, bool(with_faces)
+
+    delete_button.click(on_delete_asked, [selected, delete_faces], [confirm_box, confirm_text, confirm_name,
+                                                                     confirm_faces], api_visibility="private")
+    cancel_button.click(lambda: (gr.update(visible=False), "Nothing was deleted."), None, [confirm_box, message],
+                        api_visibility="private", queue=False)
+
+    def on_delete(name: str, with_faces: bool, request: gr.Request) -> tuple[Any, ...]:
+        try:
+            user = auth.require_endpoint(lab, request.username, "delete_person")
+            done = views.delete_person(lab, name, bool(with_faces), user=user)
+        except FaceLabError as exc:
+            raise _user_error(exc) from exc
+        return people_outputs(done)
+
+    deleted = confirm_button.click(on_delete, [confirm_name, confirm_faces], outputs, api_name="delete_person")
+    listed(deleted)
+    deleted.success(lambda: ("", gr.update(visible=False)), None, [selected, confirm_box],
+                    api_visibility="private", queue=False)
+    return people_outputs, outputs, merge_choices, merge_into
 
 
 def launch(lab: Lab, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs: Any) -> None:
