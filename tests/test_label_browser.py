@@ -96,7 +96,7 @@ def _wait_text(page, selector: str, text: str) -> None:  # noqa: ANN001
 
 #: the page's key gate has nothing in flight and holds no key (webapp/label_tab.py KEYS_JS)
 IDLE_JS = ("() => { const L = window.__facelabLabel; "
-           "return !!L && !L.busy && !L.refreshing && !L.waiting && L.held.length === 0; }")
+           "return !!L && !L.busy && !L.refreshing && !L.waiting && !L.stale && L.held.length === 0; }")
 
 
 def _wait_idle(page) -> None:  # noqa: ANN001

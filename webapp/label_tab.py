@@ -47,10 +47,10 @@ SHORTCUTS = (
 #: version the page shows at that moment. A refused action drops the held keys.
 KEYS_JS = r"""
 if (!window.__facelabLabel) {
-  const L = window.__facelabLabel = {busy: 0, refreshing: 0, waiting: false, held: [], since: 0};
+  const L = window.__facelabLabel = {busy: 0, refreshing: 0, waiting: false, stale: false, held: [], since: 0};
   const keyButtons = {s: "label-save", n: "label-next", k: "label-skip", u: "label-undo", x: "label-remove-box",
                       "[": "label-prev-box", "]": "label-next-box"};
-  const gatedIds = [...Object.values(keyButtons), "label-open", "label-name-button",
+  const gatedIds = [...Object.values(keyButtons), "label-open", "label-name-button", "label-refresh-panel",
                     ...[1, 2, 3, 4, 5].map(n => "label-suggest-" + n)];
   const gatedSelector = gatedIds.map(id => "#" + id).join(",");
   const shown = (el) => !!el && el.offsetParent !== null;
@@ -101,7 +101,13 @@ if (!window.__facelabLabel) {
   };
   const settle = () => {
     show();
-    if (closed() || !L.held.length) return;
+    if (closed()) return;
+    if (L.stale) {  // an edit in the photo happened while a request was in flight: bring the panel up to date
+      L.stale = false;
+      const refresh = document.getElementById("label-refresh-panel");
+      if (refresh) { refresh.click(); return; }  // its end settles again
+    }
+    if (!L.held.length) return;
     L.waiting = true;
     let frames = 0;
     const check = () => {
@@ -128,9 +134,10 @@ if (!window.__facelabLabel) {
   L.refreshStart = (args, targetIndex) => {
     L.refreshing += 1;
     L.since = Date.now();
-    if (L.busy > 0) {  // an action is in flight: its answer brings the panel; this refresh would be stale
+    if (L.busy > 0) {  // a request is in flight: this refresh could answer after it, with a stale panel
       args = [...args];
       args[targetIndex] = "";
+      L.stale = true;  // refresh again once it has ended
     }
     return args;
   };
@@ -341,6 +348,8 @@ def build_label_tab(lab: Lab) -> None:
                 history_btn = gr.Button("Refresh history", size="sm", elem_id="label-history-refresh")
                 history = gr.Dataframe(headers=review.HISTORY_HEADERS, interactive=False, elem_id="label-history")
             gr.Markdown(SHORTCUTS, elem_id="label-shortcuts")
+            # clicked by KEYS_JS when an edit in the photo happened while a request was in flight
+            refresh_btn = gr.Button("Refresh the side panel", visible="hidden", elem_id="label-refresh-panel")
 
     filters = [status, unknown, person, max_score]
     view_outputs = [annotator, current, target, image_id, info, counts, table, picker, *suggest_btns, message,
@@ -535,6 +544,8 @@ def build_label_tab(lab: Lab) -> None:
                                   js=_refresh_js(1))
     refreshing.success(None, None, None, js=REFRESH_DONE_JS, queue=False)
     refreshing.failure(None, None, None, js=REFRESH_DONE_JS, queue=False)
+    gated(refresh_btn.click(on_edit, [current, target, annotator, picker], panel_outputs, api_visibility="private",
+                            queue=False, show_progress="hidden"))
 
     # -- side information -------------------------------------------------------------------
     def on_history(cur: dict | None, request: gr.Request) -> list[list[Any]]:
