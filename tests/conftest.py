@@ -91,7 +91,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(data_dir: Path, env: dict[str, str] | None = None, timeout_s: float = 120.0,
+def start_app(data_dir: Path, env: dict[str, str] | None = None, timeout_s: float = 300.0,
               args: Sequence[str] = ()):
     """Start ``python app.py --data DIR [args]`` on a free port; a context manager yielding its URL."""
     import contextlib

@@ -276,12 +276,46 @@ def _people_tab(lab: Lab) -> tuple[Any, list[Any], Any, Any]:
     return people_outputs, outputs, merge_choices, merge_into
 
 
+#: seconds to wait for the app's own first answer on a busy machine (see _patient_localhost_check)
+LOCALHOST_CHECK_S = 120.0
+
+
+def _patient_localhost_check() -> None:
+    """Gradio's launch asks the server it has just started for one page with a 3 s timeout,
+    and gives up (ValueError: "When localhost is not accessible ...") at the first timeout.
+    On a loaded 2-core machine the first answer can take longer than that, and the app
+    then exits at start. Ask again until LOCALHOST_CHECK_S have passed instead."""
+    import time
+
+    import httpx
+    from gradio import networking
+
+    quick = networking.url_ok
+
+    def url_ok(url: str) -> bool:
+        deadline = time.monotonic() + LOCALHOST_CHECK_S
+        while True:
+            try:
+                if httpx.head(url, timeout=10, verify=False).status_code in (200, 301, 302, 303, 307, 308, 401):
+                    return True
+            except httpx.TimeoutException:
+                pass  # slow, not absent: ask again
+            except (ConnectionError, httpx.HTTPError):
+                return quick(url)  # refused or broken: Gradio's own answer
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+
+    networking.url_ok = url_ok
+
+
 def launch(lab: Lab, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs: Any) -> None:
     # No users: loopback only and no share link (raises auth.LaunchRefused). With users:
     # Gradio asks for a login on every page and API call; callbacks check roles.
     auth.check_bind(host, share, auth.users_configured(lab))
     demo = build_ui(lab)
     demo.queue(default_concurrency_limit=4)
+    _patient_localhost_check()
     # show_error=False: gr.Error messages (written for users) still show; any other
     # exception's text (SQL, paths) stays in the server log instead of reaching the client
     # max_file_size: Gradio refuses bigger uploads before writing them to its temp folder
