@@ -11,7 +11,14 @@ Why it is built this way (see ../shared/notes/measurements.md on the annotator):
 - a box's face id rides in its label ("Eileen Collins #12"), the only free-text field
   the component keeps;
 - Gradio buttons have no keyboard shortcuts, so a small page script clicks them by
-  ``elem_id``; it ignores keys typed into text fields.
+  ``elem_id``; it ignores keys typed into text fields;
+- every action lands on the photo it was meant for: each sends the photo id and version
+  the page shows (the hidden ``label-target`` field) and ``pipeline.review`` refuses
+  it when another photo or version is open; the page script lets one Label request run
+  at a time and holds keys (and clicks) typed meanwhile, playing them in order once the
+  answer is on screen, so a key typed right after N lands on the photo N opens;
+- a refused action marks only the message line (``show_progress_on``): the photo and the
+  side panel stay usable.
 """
 
 from __future__ import annotations
