@@ -71,10 +71,18 @@ ENDPOINT_ACTIONS: dict[str, str] = {
     "people_tab_open": "view",
     "rename_person": "curate",
     "merge_people": "curate",
+    **{f"people_merge_choices_{after}": "view"  # the merge-target list after every change
+       for after in ("open", "refresh", "rename", "merge", "delete")},
+    "people_pick_face": "view",  # click a face or a row: selects the person
+    "people_pick_row": "view",
+    "people_follow_rename": "view",  # the selection follows a rename or merge
+    "people_follow_merge": "view",
+    "delete_person_ask": "delete",  # says what a delete will remove, before it happens
+    "delete_person_cancel": "view",
     "delete_person": "delete",
+    "delete_person_done": "view",
     # Label tab (webapp/label_tab.py)
     "label_load": "view",
-    "label_load_typed": "view",  # Enter in the image id box
     "label_tab_open": "view",
     "label_history": "view",
     "label_history_open": "view",
@@ -84,12 +92,10 @@ ENDPOINT_ACTIONS: dict[str, str] = {
     "label_skip": "label",
     "label_undo": "label",
     "label_name": "label",
-    "label_name_typed": "label",  # Enter in the name box
-    "label_name_clear": "view",  # empties the name box after naming
-    "label_name_typed_clear": "view",
     **{f"label_accept_{rank}": "label" for rank in range(1, 6)},  # the suggestion buttons
-    "label_pick_box": "view",  # box selection and editing in the browser's copy: no
-    "label_select_box": "view",  # database writes until Save
+    "label_select_box": "view",  # box selection and editing in the browser's copy: no
+    "label_edit_refresh": "view",  # database writes until Save
+    "label_refresh_panel": "view",
     "label_prev_box": "view",
     "label_next_box": "view",
     "label_remove_box": "view",

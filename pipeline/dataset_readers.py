@@ -19,8 +19,11 @@ layout FaceLab writes, which these readers accept along with common variants:
   in pixels; name: ``attributes.identity`` (CVAT's per-box attributes).
 * ``review_status`` ("accepted" / "pending") is read where FaceLab writes it (VOC
   ``<review_status>``, COCO attributes, YOLO CSV) and defaults to "pending".
+* ``image_status`` (the image's review state: unreviewed, in_progress, reviewed,
+  skipped) is read from VOC ``<image_status>`` and COCO ``images[].image_status``, else
+  from the manifest (the only place a YOLO export has for it); absent means "not given".
 * A FaceLab ``facelab.json`` manifest, when present, names the format and gives each
-  image its original display name.
+  image its original display name and ``image_status``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pipeline.errors import InvalidRequest
 from pipeline.export import (
     COCO_FILE,
     FACE_CLASS,
+    IMAGE_STATUS_FIELD,
     MANIFEST_NAME,
     YOLO_IDENTITIES,
     YOLO_LABELS_DIR,
@@ -46,7 +50,7 @@ from pipeline.export import (
 from pipeline.identities import clean_name
 from pipeline.ingest import IMAGE_SUFFIXES
 from storage.images import sanitize_name
-from storage.orm import ReviewStatus
+from storage.orm import ImageStatus, ReviewStatus
 
 FORMATS = ("voc", "yolo", "coco")
 #: annotation files (XML, JSON, TXT, CSV) larger than this are refused
@@ -91,6 +95,8 @@ class ImageEntry:
     where: str
     boxes: list[LabelBox] = field(default_factory=list)
     declared_size: tuple[int, int] | None = None
+    #: the image's review state, when the dataset says (FaceLab's exports do)
+    status: ImageStatus | None = None
 
 
 class Findings:
@@ -213,6 +219,28 @@ class _ImageFinder:
         return None
 
 
+def _image_status(value: object, where: str, problems: Findings) -> ImageStatus | None:
+    if value is None or value == "":
+        return None
+    try:
+        return ImageStatus(str(value).strip().lower()) if isinstance(value, str) else ImageStatus(value)
+    except ValueError:
+        problems.add(f"{where}: {IMAGE_STATUS_FIELD} {str(value)[:40]!r} is not one of: "
+                     f"{', '.join(s.value for s in ImageStatus)}")
+        return None
+
+
+def _manifest_statuses(manifest: dict, problems: Findings) -> dict[str, ImageStatus]:
+    out: dict[str, ImageStatus] = {}
+    items = manifest.get("images") if isinstance(manifest.get("images"), list) else []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and isinstance(item.get("file"), str):
+            status = _image_status(item.get(IMAGE_STATUS_FIELD), f"{MANIFEST_NAME}: images[{i}]", problems)
+            if status is not None:
+                out[item["file"]] = status
+    return out
+
+
 def _display_names(manifest: dict) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in manifest.get("images", []) if isinstance(manifest.get("images"), list) else []:
@@ -294,6 +322,9 @@ def _parse_voc(source: DatasetSource, problems: Findings, display: dict[str, str
                          f"(looked next to it and in images/ or JPEGImages/)")
             continue
         entry = _entry(entries, member, xml_name, display)
+        status_element = root.find(IMAGE_STATUS_FIELD)
+        if status_element is not None:
+            entry.status = _image_status(status_element.text, f"{xml_name} line {status_element.line}", problems)
         size = root.find("size")
         if size is not None and size.findtext("width") and size.findtext("height"):
             w = _number(size.findtext("width"), "<width>", f"{xml_name} line {size.line}", problems)
@@ -474,6 +505,7 @@ def _parse_coco_doc(json_name: str, doc: object, finder: _ImageFinder, entries: 
             problems.add(f"{where}: image {img['file_name']!r} not found in the archive")
             continue
         entry = _entry(entries, member, where, display)
+        entry.status = _image_status(img.get(IMAGE_STATUS_FIELD), where, problems) or entry.status
         w, h = img.get("width"), img.get("height")
         if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0:
             entry.declared_size = (w, h)
@@ -528,9 +560,14 @@ def read_dataset(source: DatasetSource, fmt: str | None = None) -> tuple[str, di
     if fmt not in FORMATS:
         raise InvalidRequest(f"unknown import format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     findings = Findings(source.limits.max_boxes, source.limits.max_boxes_per_image)
-    display = _display_names(_manifest(source, findings))
+    manifest = _manifest(source, findings)
+    display = _display_names(manifest)
     parser = {"voc": _parse_voc, "yolo": _parse_yolo, "coco": _parse_coco}[fmt]
     entries = parser(source, findings, display)
+    # the format's own per-image field wins; the manifest fills in (YOLO has no such field)
+    for member, status in _manifest_statuses(manifest, findings).items():
+        if member in entries and entries[member].status is None:
+            entries[member].status = status
     if source.skipped:
         findings.note(f"skipped {len(source.skipped)} macOS metadata file(s) (__MACOSX, ._*, .DS_Store)")
     if not entries and not findings.items:

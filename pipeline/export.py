@@ -10,14 +10,18 @@ Layout of every zip (names are safe by construction: the stored image's sha256 a
 its extension; the user's original file name appears only inside ``facelab.json``):
 
     facelab.json             manifest: format, selection, and per image its file,
-                             sha256, original display name, width and height
+                             sha256, original display name, width, height and
+                             ``image_status`` (see below)
     images/<sha256>.jpg|png  the stored bytes, unchanged (re-import dedupes on them)
 
 plus, per format (box coordinates: FaceLab's own are 0-based, x2/y2 exclusive):
 
 * ``yolo``: ``labels/<sha256>.txt`` with one ``0 cx cy w h`` line per face (class 0 =
   "face", values normalised to the image size, 6 decimals: < 0.01 px on a 10k-pixel
-  side), ``data.yaml`` (Ultralytics style, ``names: {0: face}``) and
+  side), ``data.yaml`` (Ultralytics style, ``names: {0: face}``, and no ``path:`` key:
+  Ultralytics then takes the folder holding data.yaml as the dataset root, so the
+  unzipped export trains from any working directory; a relative ``path:`` would be read
+  from the working directory, an absolute one cannot be known before unzipping) and
   ``identities.csv``: ``image,line,x1,y1,x2,y2,name,review_status``, one row per face,
   keyed by the image file and the 1-based line of the face in its label file; the
   pixel box is repeated so a stale CSV is caught on import. ``name`` is empty for
@@ -26,14 +30,20 @@ plus, per format (box coordinates: FaceLab's own are 0-based, x2/y2 exclusive):
   ``images/``), one category ``{"id": 1, "name": "face"}`` and ``annotations`` whose
   ``bbox`` is ``[x, y, w, h]`` in pixels (COCO's convention: x = x1, w = x2 - x1) and
   ``attributes: {"identity": name or null, "review_status": ...}`` (CVAT's convention
-  for per-box attributes).
+  for per-box attributes); each entry of ``images`` also has ``image_status``.
 * ``voc``: ``annotations/<sha256>.xml``, one per image, with ``<size>`` and one
   ``<object>`` per face: ``<name>face</name>``, ``<identity>`` (empty when unnamed),
   ``<review_status>`` and ``<bndbox>`` in VOC's 1-based inclusive convention
   (xmin = x1 + 1, xmax = x2; the same mapping ``models.evaluation.detection`` reads),
-  written with up to 3 decimals so detector boxes survive the trip.
+  written with up to 3 decimals so detector boxes survive the trip; the image's
+  ``<image_status>`` is a child of ``<annotation>``.
 
-``review_status`` is "accepted" or "pending" (rejected faces are never exported).
+``review_status`` (per face) is "accepted" or "pending" (rejected faces are never
+exported). ``image_status`` (per image: how far the Label tab's review got) is one of
+"unreviewed", "in_progress", "reviewed", "skipped"; it is written into the format's own
+per-image record (COCO ``images[]``, the VOC file) and, for every format, the manifest;
+YOLO has no per-image record, so there the manifest carries it. Import reads both back
+(``pipeline.dataset_readers``), so export -> import keeps names, boxes and review state.
 """
 
 from __future__ import annotations
@@ -70,6 +80,14 @@ YOLO_IDENTITY_COLUMNS = ("image", "line", "x1", "y1", "x2", "y2", "name", "revie
 COCO_FILE = "annotations.json"
 VOC_DIR = "annotations"
 FACE_CLASS = "face"
+#: no ``path:`` on purpose (see the module docstring): the dataset root is this file's folder
+YOLO_DATA_YAML = (
+    "# FaceLab export, one class. No 'path:' key: Ultralytics then uses the folder of this\n"
+    "# file as the dataset root, so it works from any working directory.\n"
+    f"train: {IMAGES_DIR}\nval: {IMAGES_DIR}\nnc: 1\nnames:\n  0: {FACE_CLASS}\n"
+)
+#: the manifest's and COCO's per-image field, and VOC's element, for ImageStatus
+IMAGE_STATUS_FIELD = "image_status"
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,8 @@ class ExportImage:
     width: int
     height: int
     faces: list[ExportFace]
+    #: the image's review state (ImageStatus value)
+    status: str = ImageStatus.UNREVIEWED.value
 
     @property
     def file(self) -> str:
@@ -139,7 +159,8 @@ def select_images(lab: Lab, selection: str = "all") -> list[ExportImage]:
             if selection == "reviewed" and not faces and image.status != ImageStatus.REVIEWED:
                 continue
             ext = "png" if image.mime == "image/png" else "jpg"
-            out.append(ExportImage(image.sha256, ext, image.original_name, image.width, image.height, faces))
+            out.append(ExportImage(image.sha256, ext, image.original_name, image.width, image.height, faces,
+                                   ImageStatus(image.status).value))
     return out
 
 
@@ -182,7 +203,7 @@ def _write(lab: Lab, zf: zipfile.ZipFile, fmt: str, selection: str, images: list
         "box_convention": "see pipeline/export.py",
         "images": [
             {"file": img.file, "sha256": img.sha256, "original_name": img.original_name,
-             "width": img.width, "height": img.height, "faces": len(img.faces)}
+             "width": img.width, "height": img.height, "faces": len(img.faces), "image_status": img.status}
             for img in images
         ],
     }
@@ -203,8 +224,7 @@ def _write(lab: Lab, zf: zipfile.ZipFile, fmt: str, selection: str, images: list
         if progress and (n % 20 == 0 or n == len(images) - 1):
             progress(n / len(images), f"Writing image {n + 1} of {len(images)}")
     if fmt == "yolo":
-        zf.writestr("data.yaml", f"# FaceLab export: one class\npath: .\ntrain: {IMAGES_DIR}\nval: {IMAGES_DIR}\n"
-                                 f"nc: 1\nnames:\n  0: {FACE_CLASS}\n")
+        zf.writestr("data.yaml", YOLO_DATA_YAML)
         zf.writestr(YOLO_IDENTITIES, _yolo_identities(images))
     elif fmt == "coco":
         zf.writestr(COCO_FILE, json.dumps(_coco(images), ensure_ascii=False))
@@ -234,7 +254,7 @@ def _coco(images: list[ExportImage]) -> dict:
     coco_images, annotations = [], []
     for image_id, img in enumerate(images, start=1):
         coco_images.append({"id": image_id, "file_name": img.file.split("/", 1)[1],
-                            "width": img.width, "height": img.height})
+                            "width": img.width, "height": img.height, IMAGE_STATUS_FIELD: img.status})
         for face in img.faces:
             x1, y1, x2, y2 = face.box
             w, h = x2 - x1, y2 - y1
@@ -261,6 +281,7 @@ def _voc_xml(img: ExportImage) -> bytes:
     ET.SubElement(size, "height").text = str(img.height)
     ET.SubElement(size, "depth").text = "3"
     ET.SubElement(root, "segmented").text = "0"
+    ET.SubElement(root, IMAGE_STATUS_FIELD).text = img.status
     for face in img.faces:
         obj = ET.SubElement(root, "object")
         ET.SubElement(obj, "name").text = FACE_CLASS

@@ -101,6 +101,12 @@ def enroll_photo(lab: Lab, image_id: int, name: str, user: str = "local") -> Per
     return enroll(lab, faces[main][0], name, user=user)
 
 
+def get_person(lab: Lab, name: str) -> PersonSummary:
+    """One person by name (ignoring case); NotFound if there is none."""
+    with lab.sessions() as session:
+        return _summary(session, _require(session, name))
+
+
 def list_people(lab: Lab) -> list[PersonSummary]:
     with lab.sessions() as session:
         people = session.scalars(select(Identity).order_by(func.lower(Identity.name))).all()

@@ -28,10 +28,13 @@ Decisions:
   1.0. Whether a person vouched for the label is ``review_status``: taken from the file
   when FaceLab wrote it, else "pending", so someone else's labels still pass review.
 * A name creates the person if new (names ignore case, as in ``pipeline.identities``).
+* A new image takes its review state (``image_status``: reviewed, skipped ...) from the
+  dataset when the dataset gives one (FaceLab's exports do), else it is unreviewed.
 * Re-import never duplicates: an image already stored (same bytes, or same stored
   sha256) is reused, and a box within ``SAME_BOX_PX`` on every side of a face already
   on that image (or earlier in the same import) is skipped. Existing faces are left as
-  they are, names included. Finding those takes constant time per box (``BoxDeduper``).
+  they are, names included, and so is an existing image's review state. Finding those
+  takes constant time per box (``BoxDeduper``).
 * EXIF-rotated images that carry boxes are refused: the boxes may refer to either
   orientation.
 """
@@ -64,7 +67,7 @@ from pipeline.dataset_readers import (
 from pipeline.embed import embed_faces
 from pipeline.errors import FaceLabError, InvalidRequest
 from storage.images import ImageRejected, decode_upload
-from storage.orm import Face, Identity, Image, record_audit
+from storage.orm import Face, Identity, Image, ImageStatus, record_audit
 
 __all__ = ["FORMATS", "BoxDeduper", "ImportRejected", "ImportReport", "import_command", "import_dataset"]
 
@@ -376,7 +379,8 @@ def _write(lab: Lab, source: DatasetSource, fmt: str, plans: list[_Planned], use
             if image is None:
                 image = Image(sha256=meta.sha256, original_name=plan.entry.display_name, width=meta.width,
                               height=meta.height, size_bytes=meta.size_bytes, mime=meta.mime,
-                              upload_sha256=meta.upload_sha256)
+                              upload_sha256=meta.upload_sha256,
+                              status=plan.entry.status or ImageStatus.UNREVIEWED)
                 session.add(image)
                 new_images += 1
             rows[meta.sha256] = image

@@ -601,6 +601,31 @@ def queue_counts(lab: Lab) -> QueueCounts:
     )
 
 
+#: how far along an image is: Skip may only move an image up this scale, never down
+STATUS_RANK = {ImageStatus.UNREVIEWED: 0, ImageStatus.SKIPPED: 1, ImageStatus.IN_PROGRESS: 2, ImageStatus.REVIEWED: 3}
+
+
+def skip_image(lab: Lab, image_id: int, user: str = "local",
+               expected_version: int | None = None) -> tuple[int, ImageStatus]:
+    """Skip (K): a not-started image becomes skipped; one a person already started or
+    reviewed keeps its status (skipping never lowers it). Returns ``(version, status)``.
+
+    ``expected_version`` refuses the skip when the image changed since the caller loaded it.
+    """
+    image_id = _check_id(image_id, "image")
+    with lab.sessions() as session:
+        row = session.execute(select(Image.status, Image.version).where(Image.id == image_id)).one_or_none()
+        if row is None:
+            raise NotFound(f"Image {image_id} does not exist (it may have been deleted).")
+        status, version = ImageStatus(row.status), int(row.version)
+        if expected_version is not None and version != int(expected_version):
+            raise Conflict(_conflict_message(session, image_id))
+    if STATUS_RANK[status] >= STATUS_RANK[ImageStatus.SKIPPED]:
+        return version, status
+    # compare-and-swap on the version read above: a save in between is a Conflict, not overwritten
+    return set_status(lab, image_id, ImageStatus.SKIPPED, user, expected_version=version), ImageStatus.SKIPPED
+
+
 def set_status(lab: Lab, image_id: int, status: ImageStatus | str, user: str = "local",
                expected_version: int | None = None) -> int:
     """Set an image's review status (e.g. skipped); returns its new version."""

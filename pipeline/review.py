@@ -15,6 +15,16 @@ photo with 20-pixel faces would be edited at 20 pixels. ``display_scale`` (kept 
 ``current``) enlarges the served copy to about the editor's size; boxes going to the
 annotator are multiplied by it and boxes coming back divided by it, so the database,
 exports and the side panel stay in the photo's own pixels.
+
+Every action names the photo it was aimed at. ``LabelView.target`` ("image id:version",
+e.g. "82:3") is shown in the page next to the photo, and every action sends it back;
+``aimed_at`` refuses an action whose target is not the photo and version open in this
+session (``StaleAction``), e.g. a key pressed for the previous photo while the next one
+was loading, or for a version an earlier action has just replaced. Nothing is changed then.
+
+The side panel (box count, table, picker, suggestions) is computed from the editor's
+value, unsaved edits included (``panel``): a box removed with X or Delete leaves it at
+once, a drawn box joins it at once (as "new"), a moved box is marked moved.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from sqlalchemy import func, select
 
 from pipeline import labeling
 from pipeline.context import Lab
-from pipeline.errors import InvalidRequest
+from pipeline.errors import Conflict, InvalidRequest
 from pipeline.files import write_atomically
 from pipeline.labeling import BoxEdit, LabelState, QueueFilter
 from pipeline.views import md
@@ -95,6 +105,37 @@ class LabelView:
     def image_id(self) -> int | None:
         return self.current["image_id"] if self.current else None
 
+    @property
+    def target(self) -> str:
+        """What every action on this view sends back: the photo and version it is aimed at."""
+        return target_of(self.current)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """The side panel for the editor's boxes as they are now (unsaved edits included)."""
+
+    info: str
+    rows: list[list[Any]]
+    #: (label, face id) for the box picker: the stored faces still in the editor
+    box_choices: list[tuple[str, int]]
+    selected: int | None
+    suggestion_labels: list[str]
+    #: the face id shown in each table row (None: a box drawn since the last save)
+    row_faces: list[int | None]
+
+
+@dataclass(frozen=True)
+class EditorUpdate:
+    """A selection or removal: the editor's new boxes (None: leave the editor as it is) and the panel."""
+
+    boxes: list[dict[str, Any]] | None
+    panel: Panel
+
+
+class StaleAction(Conflict):
+    """A Label-tab action aimed at another photo, or another version of it, than the one open."""
+
 
 @dataclass(frozen=True)
 class Filters:
@@ -135,19 +176,59 @@ def next_in_queue(lab: Lab, after_id: int | None, filters: Filters, message: str
     return _view(lab, labeling.load_for_labeling(lab, found, with_pixels=False), message)
 
 
-def save(lab: Lab, current: dict | None, value: dict | None, user: str = "local", finished: bool = True) -> LabelView:
-    """Save the annotator's boxes (Save button / S)."""
-    cur = _require(current)
+def target_of(current: dict | None) -> str:
+    """``"image id:version"`` of the open photo ("" when none is open)."""
+    return f"{current['image_id']}:{current['version']}" if current else ""
+
+
+def aimed_at(current: dict | None, target: str | None) -> dict:
+    """``current``, if ``target`` (what the page showed when the action was taken) names
+    the photo and version open in this session; else ``StaleAction``, and nothing changes."""
+    wanted = _parse_target(target)
+    if current is None:
+        if wanted is None:
+            raise InvalidRequest("Open an image first (Next, or type an image id).")
+        raise StaleAction(f"Ignored: that action was meant for image {wanted[0]}, but this session has no image "
+                          "open (was the app restarted?). Nothing was changed; reload the page.")
+    if wanted is None:
+        raise StaleAction("Ignored: that action did not say which photo it was meant for. Nothing was changed; "
+                          "reload the page.")
+    image_id, version = current["image_id"], current["version"]
+    if wanted[0] != image_id:
+        raise StaleAction(f"Ignored: that action was meant for image {wanted[0]}, but image {image_id} is open now. "
+                          "Nothing was changed.")
+    if wanted[1] != version:
+        raise StaleAction(f"Ignored: that action was meant for version {wanted[1]} of image {image_id}, which an "
+                          f"earlier action has just changed (version {version} now). Nothing was changed; look at "
+                          "the photo and try again.")
+    return current
+
+
+def _parse_target(target: str | None) -> tuple[int, int] | None:
+    text = str(target or "").strip()
+    if not text:
+        return None
+    match = re.fullmatch(r"(\d{1,12}):(\d{1,12})", text)
+    if match is None:
+        raise InvalidRequest(f"target must be 'image id:version' as the page shows it, got {text[:40]!r}")
+    return int(match[1]), int(match[2])
+
+
+def save(lab: Lab, current: dict | None, target: str | None, value: dict | None, user: str = "local",
+         finished: bool = True) -> LabelView:
+    """Save the annotator's boxes (Save button / S): the image becomes reviewed."""
+    cur = aimed_at(current, target)
     state = _save_boxes(lab, cur, value, user, finished, override=None)
     if state.revision == cur.get("revision") and state.version == cur["version"]:
         return _view(lab, state, "Nothing changed since the last save.")
     return _view(lab, state, f"Saved image {cur['image_id']} (revision {state.revision}).")
 
 
-def name_box(lab: Lab, current: dict | None, value: dict | None, face_id: int | None, name: str | None,
-             user: str = "local") -> LabelView:
-    """Give the selected box a (new or existing) person's name; also saves other pending edits."""
-    cur = _require(current)
+def name_box(lab: Lab, current: dict | None, target: str | None, value: dict | None, face_id: int | None,
+             name: str | None, user: str = "local") -> LabelView:
+    """Give the selected box a (new or existing) person's name; also saves other pending
+    edits. The image does not become reviewed (a reviewed one stays reviewed)."""
+    cur = aimed_at(current, target)
     face_id = _selected(cur, face_id)
     if not name or not str(name).strip():
         raise InvalidRequest("Type a name for the selected box.")
@@ -155,12 +236,16 @@ def name_box(lab: Lab, current: dict | None, value: dict | None, face_id: int | 
     return _view(lab, state, f"Face #{face_id} is now {_name_for(state, face_id)}.", after=face_id)
 
 
-def accept_suggestion(lab: Lab, current: dict | None, value: dict | None, face_id: int | None, rank: int,
-                      user: str = "local") -> LabelView:
-    """Name the selected box after its ``rank``-th suggestion (1-based; keys 1-5)."""
-    cur = _require(current)
+def accept_suggestion(lab: Lab, current: dict | None, target: str | None, value: dict | None,
+                      face_id: int | None, rank: int, user: str = "local") -> LabelView:
+    """Name the selected box after its ``rank``-th suggestion (1-based; keys 1-5), as the
+    panel lists them for the editor's boxes (a named box's own name first)."""
+    cur = aimed_at(current, target)
     face_id = _selected(cur, face_id)
-    suggestions = cur["faces"][face_id]["suggestions"]
+    editor = {e.face_id: e for e in parse_boxes(value, cur) if e.face_id is not None}
+    if face_id not in editor:
+        raise InvalidRequest(f"Box #{face_id} was removed in the editor; reload or pick another box.")
+    suggestions = ordered_suggestions(cur["faces"][face_id]["suggestions"], editor[face_id].name)
     if not 1 <= int(rank) <= len(suggestions):
         raise InvalidRequest(f"Face #{face_id} has {len(suggestions)} suggestion(s); there is no number {rank}.")
     name = suggestions[int(rank) - 1][0]
@@ -168,25 +253,33 @@ def accept_suggestion(lab: Lab, current: dict | None, value: dict | None, face_i
     return _view(lab, state, f"Face #{face_id} is now {_name_for(state, face_id)}.", after=face_id)
 
 
-def save_and_next(lab: Lab, current: dict | None, value: dict | None, filters: Filters, user: str = "local") -> LabelView:
+def save_and_next(lab: Lab, current: dict | None, target: str | None, value: dict | None, filters: Filters,
+                  user: str = "local") -> LabelView:
     """Save the open image as reviewed (if one is open) and open the next one in the queue."""
     after = None
     message = ""
-    if current is not None:
-        state = _save_boxes(lab, current, value, user, finished=True, override=None)
+    if current is not None or _parse_target(target) is not None:
+        cur = aimed_at(current, target)
+        state = _save_boxes(lab, cur, value, user, finished=True, override=None)
         after, message = state.image_id, f"Saved image {state.image_id}."
     return next_in_queue(lab, after, filters, message)
 
 
-def skip(lab: Lab, current: dict | None, filters: Filters, user: str = "local") -> LabelView:
-    """Mark the open image skipped (unsaved box edits are dropped) and open the next one."""
-    cur = _require(current)
-    labeling.set_status(lab, cur["image_id"], ImageStatus.SKIPPED, user, expected_version=cur["version"])
-    return next_in_queue(lab, cur["image_id"], filters, f"Skipped image {cur['image_id']}.")
+def skip(lab: Lab, current: dict | None, target: str | None, filters: Filters, user: str = "local") -> LabelView:
+    """Skip the open image (unsaved box edits are dropped) and open the next one. Only a
+    not-started image becomes "skipped": skipping never lowers a review state."""
+    cur = aimed_at(current, target)
+    image_id = cur["image_id"]
+    version, status = labeling.skip_image(lab, image_id, user, expected_version=cur["version"])
+    if version != cur["version"]:
+        text = f"Skipped image {image_id}."
+    else:
+        text = f"Image {image_id} stays {str(status).replace('_', ' ')} (skipping never lowers it)."
+    return next_in_queue(lab, image_id, filters, text)
 
 
-def undo(lab: Lab, current: dict | None, user: str = "local") -> LabelView:
-    cur = _require(current)
+def undo(lab: Lab, current: dict | None, target: str | None, user: str = "local") -> LabelView:
+    cur = aimed_at(current, target)
     state = labeling.undo_last_save(lab, cur["image_id"], user, expected_version=cur["version"])
     return _view(lab, state, f"Undid the last save on image {cur['image_id']}.")
 
@@ -202,18 +295,13 @@ def counts_text(lab: Lab) -> str:
     return labeling.queue_counts(lab).text()
 
 
-def select_box(current: dict | None, face_id: int | None) -> list[str]:
-    """The suggestion-button labels for a box (no database call)."""
-    if not current or face_id is None or int(face_id) not in current["faces"]:
-        return [""] * SUGGESTION_SLOTS
-    return _suggestion_labels(current["faces"][int(face_id)]["suggestions"])
-
-
-def step_box(current: dict | None, face_id: int | None, step: int) -> int | None:
-    """The box before/after ``face_id`` in the picker (wraps around)."""
-    if not current or not current["order"]:
+def step_box(current: dict | None, face_id: int | None, step: int, value: dict | None = None) -> int | None:
+    """The box before/after ``face_id`` among the stored boxes still in the editor (wraps around)."""
+    if not current:
         return None
-    order = current["order"]
+    order = _present(current, value) if value is not None else current["order"]
+    if not order:
+        return None
     if face_id is None or int(face_id) not in order:
         return order[0]
     return order[(order.index(int(face_id)) + step) % len(order)]
@@ -235,10 +323,38 @@ def editor_boxes(current: dict | None, value: dict | None, face_id: int | None) 
     return out
 
 
-def remove_box(current: dict | None, value: dict | None, face_id: int | None) -> tuple[list[dict[str, Any]], int | None]:
-    """The editor's boxes without ``face_id``'s box, and the box to select next (the one
-    after it). Nothing is saved: Save / Save & next store it, like a box deleted in the photo."""
-    current = _require(current)
+def select_box(current: dict | None, target: str | None, value: dict | None, face_id: object) -> EditorUpdate:
+    """Select ``face_id`` ([ ], a table row, the picker): the picker shows it, the photo
+    draws it in magenta (the editor is redrawn only when a colour changes)."""
+    cur = aimed_at(current, target)
+    face_id = face_arg(face_id)
+    boxes = editor_boxes(cur, value, face_id)
+    same = boxes == [dict(b) for b in (value or {}).get("boxes") or []]
+    return EditorUpdate(None if same else boxes, panel(cur, {**(value or {}), "boxes": boxes}, face_id))
+
+
+def step(current: dict | None, target: str | None, value: dict | None, face_id: int | None,
+         direction: int) -> EditorUpdate:
+    """[ and ]: select the stored box before/after the selected one."""
+    cur = aimed_at(current, target)
+    return select_box(cur, target, value, step_box(cur, face_arg(face_id), direction, value))
+
+
+def select_row(current: dict | None, target: str | None, value: dict | None, row: int) -> EditorUpdate | None:
+    """A click on table row ``row`` (0-based, as the panel lists the editor's boxes); None
+    for a box drawn since the last save (it has no face id to select yet)."""
+    cur = aimed_at(current, target)
+    faces = panel(cur, value, None).row_faces
+    if not (isinstance(row, int) and 0 <= row < len(faces)) or faces[row] is None:
+        return None
+    return select_box(cur, target, value, faces[row])
+
+
+def remove_box(current: dict | None, target: str | None, value: dict | None, face_id: int | None) -> EditorUpdate:
+    """X: the editor's boxes without ``face_id``'s box, the box after it selected, and the
+    panel without it. Nothing is saved: Save / Save & next store it, like a box deleted in the photo."""
+    cur = aimed_at(current, target)
+    face_id = face_arg(face_id)
     if face_id is None:
         raise InvalidRequest("Select a box first: [ ] or a row of the table.")
     boxes = [dict(b) for b in (value or {}).get("boxes") or []]
@@ -246,11 +362,96 @@ def remove_box(current: dict | None, value: dict | None, face_id: int | None) ->
     if len(kept) == len(boxes):
         raise InvalidRequest(f"Box #{int(face_id)} is not in the editor any more.")
     still_there = {_label_face_id(b) for b in kept}
-    order = current["order"]
+    order = cur["order"]
     position = order.index(int(face_id)) if int(face_id) in order else -1
     following = [fid for fid in order[position + 1:] + order[:position + 1] if fid in still_there]
     chosen = following[0] if following else None
-    return editor_boxes(current, {"boxes": kept}, chosen), chosen
+    new_boxes = editor_boxes(cur, {"boxes": kept}, chosen)
+    return EditorUpdate(new_boxes, panel(cur, {**(value or {}), "boxes": new_boxes}, chosen))
+
+
+def refresh(current: dict | None, target: str | None, value: dict | None, face_id: int | None) -> Panel | None:
+    """The panel after an edit in the photo (a box drawn, moved, deleted or renamed there);
+    None when the editor's value belongs to another photo or version than the one open
+    (a late event from before a load: the panel then stays as the load left it)."""
+    try:
+        cur = aimed_at(current, target)
+    except (StaleAction, InvalidRequest):
+        return None
+    try:
+        face_id = face_arg(face_id)
+    except InvalidRequest:
+        face_id = None
+    return panel(cur, value, face_id)
+
+
+def panel(current: dict | None, value: dict | None, selected: int | None) -> Panel:
+    """The side panel for the editor's boxes as they are now (no database call)."""
+    if not current:
+        return Panel("No image open.", [], [], None, [""] * SUGGESTION_SLOTS, [])
+    faces = current["faces"]
+    problem = ""
+    try:
+        edits = parse_boxes(value, current)
+    except InvalidRequest as exc:  # shown, not raised: the panel must not break the editor
+        edits = [BoxEdit(fid, *faces[fid]["box"], name=faces[fid]["name"]) for fid in current["order"]]
+        problem = f" · ⚠ {md(str(exc))}"
+    by_id = {e.face_id: e for e in edits if e.face_id is not None}
+    new = [e for e in edits if e.face_id is None][::-1]  # the editor lists the newest box first
+    present = [fid for fid in current["order"] if fid in by_id]
+    removed = len(current["order"]) - len(present)
+    moved = sum(1 for fid in present if _moved(faces[fid]["box"], by_id[fid].box))
+    renamed = sum(1 for fid in present if by_id[fid].name != faces[fid]["name"])
+
+    rows: list[list[Any]] = []
+    for n, fid in enumerate(present, start=1):
+        face, edit = faces[fid], by_id[fid]
+        name = edit.name or ""
+        if edit.name != face["name"]:
+            name = f"{name or '(unnamed)'} (unsaved)"
+        origin = face["origin"]
+        if _moved(face["box"], edit.box):
+            origin = "human (moved, unsaved)"
+        suggestions = ordered_suggestions(face["suggestions"], edit.name)
+        rows.append([n, fid, name, origin, face["score"],
+                     " · ".join(_suggestion_text(i, s, edit.name) for i, s in enumerate(suggestions, start=1))])
+    for n, edit in enumerate(new, start=len(present) + 1):
+        rows.append([n, "new", edit.name or "", "drawn (unsaved)", "", "save to get suggestions"])
+
+    chosen = selected if selected in by_id else next(
+        (fid for fid in present if by_id[fid].name is None), present[0] if present else None)
+    labels = [""] * SUGGESTION_SLOTS
+    if chosen is not None:
+        suggestions = ordered_suggestions(faces[chosen]["suggestions"], by_id[chosen].name)
+        labels = _suggestion_labels(suggestions, by_id[chosen].name)
+    unsaved = [f"{k} {word}" for k, word in ((len(new), "new"), (removed, "removed"), (moved, "moved"),
+                                               (renamed, "renamed")) if k]
+    info = f"{current['info_head']}{len(present) + len(new)} box(es)"
+    if unsaved:
+        info += f" (**unsaved: {', '.join(unsaved)}**; S saves)"
+    info += current["info_tail"] + problem
+    choices = [(f"{n}. {box_label(fid, by_id[fid].name)}", fid) for n, fid in enumerate(present, start=1)]
+    return Panel(info, rows, choices, chosen, labels, [*present, *[None] * len(new)])
+
+
+def ordered_suggestions(suggestions: Sequence[Sequence[Any]], name: str | None) -> list[list[Any]]:
+    """A box's suggestions as the panel lists them: a named box's own name first (with its
+    similarity when that person is among the nearest), then the others."""
+    ranked = [list(s) for s in suggestions]
+    if not name:
+        return ranked[:SUGGESTION_SLOTS]
+    own = next((s for s in ranked if s[0].lower() == name.lower()), [name, None, False])
+    rest = [s for s in ranked if s[0].lower() != name.lower()]
+    return [own, *rest][:SUGGESTION_SLOTS]
+
+
+def _present(current: dict, value: dict | None) -> list[int]:
+    """The stored faces still in the editor, in the panel's order."""
+    try:
+        in_editor = {e.face_id for e in parse_boxes(value, current)}
+    except InvalidRequest:
+        in_editor = {_label_face_id(b) for b in (value or {}).get("boxes") or [] if isinstance(b, dict)}
+    return [fid for fid in current["order"] if fid in in_editor]
 
 
 def _label_face_id(box: dict) -> int | None:
@@ -368,34 +569,33 @@ def _save_boxes(lab: Lab, current: dict, value: dict | None, user: str, finished
 def _view(lab: Lab, state: LabelState, message: str = "", after: int | None = None) -> LabelView:
     faces = {
         b.face_id: {"box": list(b.box), "name": b.name, "color": _colour(b),
+                    "origin": "human" if b.is_human else b.origin.split("-")[0], "score": round(b.score, 2),
                     "suggestions": [[p.name, round(p.similarity, 3), p.is_match] for p in b.suggestions]}
         for b in state.boxes
     }
     scale = display_scale(state.width, state.height)
+    head = (f"**Image {state.image_id}** · {md(state.name)} · {state.width}×{state.height} · "
+            f"status **{state.status}** · ")
+    tail = f" · version {state.version}"
+    if scale != 1.0:
+        tail += f" · shown at {scale:g}×"
+    if state.last_change:
+        tail += f" · last labelled by {md(state.last_change)}"
     current = {"image_id": state.image_id, "version": state.version, "revision": state.revision,
                "face_versions": state.face_versions, "display_scale": scale,
                "image_file": str(lab.images.path(state.sha256)),
-               "faces": faces, "order": [b.face_id for b in state.boxes]}
+               "faces": faces, "order": [b.face_id for b in state.boxes], "info_head": head, "info_tail": tail}
     boxes = [{"label": box_label(b.face_id, b.name), "color": _colour(b),
               "xmin": b.box[0] * scale, "ymin": b.box[1] * scale, "xmax": b.box[2] * scale, "ymax": b.box[3] * scale}
              for b in state.boxes]
-    rows = [[n, b.face_id, b.name or "", "human" if b.is_human else b.origin.split("-")[0], round(b.score, 2),
-             " · ".join(f"{i}. {p.name} {p.similarity:.2f}{' ✓' if p.is_match else ''}"
-                        for i, p in enumerate(b.suggestions, start=1))]
-            for n, b in enumerate(state.boxes, start=1)]
-    choices = [(f"{n}. {box_label(b.face_id, b.name)}", b.face_id) for n, b in enumerate(state.boxes, start=1)]
     selected = _pick_box(state, after)
     boxes = editor_boxes(current, {"boxes": boxes}, selected)
-    info = (f"**Image {state.image_id}** · {md(state.name)} · {state.width}×{state.height} · "
-            f"status **{state.status}** · {len(state.boxes)} box(es) · version {state.version}")
-    if scale != 1.0:
-        info += f" · shown at {scale:g}×"
-    if state.last_change:
-        info += f" · last labelled by {md(state.last_change)}"
+    shown = panel(current, {"boxes": boxes}, selected)
     return LabelView(
-        current=current, image_path=lab.images.path(state.sha256), boxes=boxes, rows=rows, box_choices=choices,
-        selected=selected, suggestion_labels=select_box(current, selected), label_list=_label_choices(lab),
-        info=info, counts=counts_text(lab), message=message, can_undo=state.can_undo, display_scale=scale,
+        current=current, image_path=lab.images.path(state.sha256), boxes=boxes, rows=shown.rows,
+        box_choices=shown.box_choices, selected=shown.selected, suggestion_labels=shown.suggestion_labels,
+        label_list=_label_choices(lab), info=shown.info, counts=counts_text(lab), message=message,
+        can_undo=state.can_undo, display_scale=scale,
     )
 
 
@@ -412,8 +612,18 @@ def _pick_box(state: LabelState, after: int | None) -> int | None:
     return after if after in ids else ids[0]
 
 
-def _suggestion_labels(suggestions: Sequence[Sequence[Any]]) -> list[str]:
-    labels = [f"{i}. {name} {sim:.2f}{' ✓' if match else ''}" for i, (name, sim, match) in enumerate(suggestions, 1)]
+def _suggestion_text(rank: int, suggestion: Sequence[Any], name: str | None) -> str:
+    person, similarity, match = suggestion
+    text = f"{rank}. {person}"
+    if similarity is not None:
+        text += f" {similarity:.2f}{' ✓' if match else ''}"
+    if name and person.lower() == name.lower():
+        text += " (its name)"
+    return text
+
+
+def _suggestion_labels(suggestions: Sequence[Sequence[Any]], name: str | None = None) -> list[str]:
+    labels = [_suggestion_text(i, s, name) for i, s in enumerate(suggestions, start=1)]
     return (labels + [""] * SUGGESTION_SLOTS)[:SUGGESTION_SLOTS]
 
 
@@ -439,19 +649,35 @@ def _name_for(state: LabelState, face_id: int) -> str:
     return "gone"
 
 
-def _require(current: dict | None) -> dict:
-    if not current:
-        raise InvalidRequest("Open an image first (Next, or type an image id).")
-    return current
-
-
-def _selected(current: dict, face_id: int | float | None) -> int:
-    if face_id is None or (isinstance(face_id, float) and not face_id.is_integer()):
+def _selected(current: dict, face_id: object) -> int:
+    face_id = face_arg(face_id)
+    if face_id is None:
         raise InvalidRequest("Pick a box first (click its row, or press [ and ]).")
-    face_id = int(face_id)
     if face_id not in current["faces"]:
         raise InvalidRequest(f"Face #{face_id} is not on this image (save new boxes before naming them here).")
     return face_id
+
+
+def face_arg(value: object) -> int | None:
+    """The box picker's value as a face id (None: nothing picked). The picker takes any
+    value (a stale one from a photo just left included); whether the face is on the open
+    photo is checked by the action."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise InvalidRequest(f"Pick a box from the list, not {value!r}.")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    raise InvalidRequest(f"Pick a box from the list, not {str(value)[:40]!r}.")
+
+
+def _moved(old: Sequence[float], new: Sequence[float]) -> bool:
+    """Moved as a save would count it (labeling.MOVE_TOLERANCE pixels on any side)."""
+    return any(abs(a - b) > labeling.MOVE_TOLERANCE for a, b in zip(old, new, strict=True))
 
 
 def _iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -463,7 +689,9 @@ def _iou(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 __all__ = [
-    "BOX_TABLE_HEADERS", "DEFAULT_STATUS_CHOICE", "Filters", "HISTORY_HEADERS", "LabelView", "STATUS_CHOICES",
-    "UNNAMED_LABEL", "accept_suggestion", "box_label", "counts_text", "empty_view", "history_rows", "name_box",
-    "next_in_queue", "open_image", "parse_boxes", "save", "save_and_next", "select_box", "skip", "step_box", "undo",
+    "BOX_TABLE_HEADERS", "DEFAULT_STATUS_CHOICE", "EditorUpdate", "Filters", "HISTORY_HEADERS", "LabelView", "Panel",
+    "STATUS_CHOICES", "StaleAction", "UNNAMED_LABEL", "accept_suggestion", "aimed_at", "box_label", "counts_text",
+    "empty_view", "history_rows", "name_box", "next_in_queue", "open_image", "ordered_suggestions", "panel",
+    "parse_boxes", "refresh", "remove_box", "save", "save_and_next", "select_box", "select_row", "skip", "step",
+    "step_box", "target_of", "undo",
 ]

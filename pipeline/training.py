@@ -860,14 +860,6 @@ def parse_minutes(value: str | float | None) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-
-def parse_minutes(value: str | float | None) -> float | None:
-    if value in (None, ""):
-        return None
-    v = float(value)
-    return v if math.isfinite(v) and v > 0 else None
-
-
 def request_from_args(args: Any) -> TrainRequest:
     """A TrainRequest from ``python app.py train`` arguments. ``--model`` is an
     architecture name, or a checkpoint path the owner of this machine vouches for."""

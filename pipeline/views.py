@@ -58,6 +58,8 @@ class PeopleView:
     gallery: list[Caption]
     rows: list[list[object]]
     message: str
+    #: the person of each gallery picture, in order (a click on picture i selects gallery_names[i])
+    gallery_names: list[str]
 
 
 def md(text: object) -> str:
@@ -272,6 +274,7 @@ def people(lab: Lab) -> PeopleView:
 
     everyone = identities.list_people(lab)
     gallery: list[Caption] = []
+    gallery_names: list[str] = []
     with lab.sessions() as session:
         for person in everyone:
             if person.cover_face_id is None:
@@ -282,8 +285,17 @@ def people(lab: Lab) -> PeopleView:
             sha = face.image.sha256
             gallery.append((picture_file(lab, face_crop(lab.images.open(sha), face.box), sha),
                             f"{person.name} ({person.face_count})"))
+            gallery_names.append(person.name)
     rows = [[p.identity_id, p.name, p.face_count] for p in everyone]
-    return PeopleView(gallery, rows, f"{len(everyone)} people enrolled.")
+    message = f"{len(everyone)} people enrolled."
+    empty = sum(1 for p in everyone if p.face_count == 0)
+    if empty:
+        message += f" {empty} of them have no face left (listed with 0 faces; select one to rename or delete it)."
+    return PeopleView(gallery, rows, message, gallery_names)
+
+
+def person_names(lab: Lab) -> list[str]:
+    return [p.name for p in identities.list_people(lab)]
 
 
 def rename_person(lab: Lab, old: str, new: str, user: str = "local") -> str:
@@ -294,6 +306,21 @@ def rename_person(lab: Lab, old: str, new: str, user: str = "local") -> str:
 def merge_people(lab: Lab, source: str, target: str, user: str = "local") -> str:
     person = identities.merge_people(lab, source, target, user=user)
     return f"Merged into **{md(person.name)}** ({person.face_count} face(s))."
+
+
+def delete_confirmation(lab: Lab, name: str, delete_faces: bool) -> str:
+    """What deleting ``name`` will do, said before it is done: the People tab shows this and
+    asks for a second click. Deletes are final (nothing is kept to restore from: a privacy
+    delete must not leave a copy), and the text says so."""
+    person = identities.get_person(lab, name)
+    who, faces = md(person.name), person.face_count
+    if delete_faces:
+        return (f"**Delete {who} and their {faces} face(s) for good?** The faces, every embedding and "
+                "search-index entry of them, and the name everywhere in the label history and audit log "
+                "are deleted now. **This is final**: FaceLab keeps no copy to restore them from.")
+    return (f"**Delete the name {who}?** Their {faces} face(s) stay in the library, unnamed (the Label "
+            "tab's \"only images with unnamed faces\" filter finds them). **This is final**: to get the "
+            "name back, name those faces again.")
 
 
 def delete_person(lab: Lab, name: str, delete_faces: bool, user: str = "local") -> str:

