@@ -72,6 +72,8 @@ class Lab:
     #: per embedder version: its face-quality model and 1:N calibration (None: none fitted)
     _quality_models: dict[str, FaceQualityModel | None] = field(default_factory=dict, repr=False)
     _calibrations: dict[str, OpenSetCalibration | None] = field(default_factory=dict, repr=False)
+    #: (key, pipeline.suggest.Gallery) of the last search: see enrolled_gallery
+    _gallery_cache: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Lab":

@@ -178,12 +178,16 @@ def _detect_embed_store(lab: Lab, images: Sequence[DecodedImage]) -> list[FileRe
             index.add(np.concatenate(new_ids), np.concatenate(new_vectors), row_ids, keep_newer=True)
             index.save()
 
+    # suggestions for every new face of the batch in one search
+    new_infos = [info for _, _, infos, vecs in stored if vecs is not None for info in infos]
+    if new_infos:
+        suggested = iter(suggest_people(lab, new_infos, np.concatenate(
+            [vecs for *_, vecs in stored if vecs is not None and len(vecs)])))
     results = []
     for image, image_id, infos, vecs in stored:
-        results.append(FileResult(
-            name=image.name, image_id=image_id, sha256=image.sha256,
-            faces=suggest_people(lab, infos, vecs) if vecs is not None else infos, note="; ".join(image.notes) or None,
-        ))
+        faces = [next(suggested) for _ in infos] if vecs is not None else infos
+        results.append(FileResult(name=image.name, image_id=image_id, sha256=image.sha256, faces=faces,
+                                  note="; ".join(image.notes) or None))
     return results
 
 
