@@ -9,11 +9,12 @@ The in-memory index follows the database, including writes by other processes (`
 app.py ingest`` while the app runs, a second app on the same data folder):
 
 * ``Lab.index()`` (every search) first compares the database's embedding stamp
-  ``(count, max row id, sum of row ids)`` with the index's own (one aggregate query,
-  no vectors). On a difference it syncs: reads the rows above the index's newest row
+  ``(count, max row id, sum of row ids)`` with the index's own (one primary-key read of
+  the trigger-kept ``embedding_stamps`` table: the same cost at any library size). On a difference it syncs: reads the rows above the index's newest row
   id (new and re-embedded faces) by id range, and only if that does not explain the
   difference (deletions) diffs all ``(face id, embedding row id)`` pairs; vectors are
-  read only for new or re-embedded faces. Then it saves the index.
+  read only for new or re-embedded faces. Then it saves the index (appending just those
+  changes to its delta file, see ``storage.faiss_index``).
 * Writers in this process apply their own change right after their commit, inside
   ``Lab.index_for_update()``, so the next stamp check finds nothing to do.
 
@@ -174,9 +175,8 @@ class Lab:
     def rebuild_index(self) -> FaceIndex:
         """Throw the index away and build it again from the database."""
         with self._index_lock:
-            index_file, manifest = FaceIndex.paths(self.settings.index_dir, self.model_version)
-            manifest.unlink(missing_ok=True)
-            index_file.unlink(missing_ok=True)
+            for path in FaceIndex.all_paths(self.settings.index_dir, self.model_version):
+                path.unlink(missing_ok=True)
             self._index = self._load_index()
             return self._index
 
@@ -194,8 +194,12 @@ class Lab:
             with self.sessions() as session:
                 return fetch_embedding_rows(session, version, dim)
 
+        def fetch_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            with self.sessions() as session:
+                return fetch_embedding_rows(session, version, dim, rows)
+
         return FaceIndex.load_or_rebuild(self.settings.index_dir, version, dim, fetch_all,
-                                         face_ids=face_ids, row_ids=row_ids)
+                                         face_ids=face_ids, row_ids=row_ids, fetch_rows=fetch_rows)
 
     @contextmanager
     def index_for_update(self) -> Iterator[FaceIndex]:
@@ -250,8 +254,7 @@ class Lab:
         if removed or added:
             log.info("search index %s synced with the database: %d vector(s) added or replaced, %d removed",
                      version, added, removed)
-            if not index.matches_saved():  # e.g. the process that wrote saved this very state
-                index.save()
+            index.save()  # appends just these changes to the index's delta file
         return bool(removed or added)
 
     @staticmethod
