@@ -168,6 +168,12 @@ def _remove_index_temp_files(index_dir: Path) -> int:
 
 def _check_index(lab: Lab, report: CheckReport, repair: bool) -> None:
     version, dim = lab.model_version, lab.embedder.dim
+    if lab.settings.vector_backend == "pgvector":
+        # the index is PostgreSQL's own (an expression index over the embedding rows):
+        # it cannot differ from them; only its existence is checked (and restored)
+        lab.index()
+        report.facts.append(f"search index: pgvector, in the database ({len(lab.index())} face(s))")
+        return
     with lab.sessions() as session:
         try:
             db_ids, db_vectors = fetch_embeddings(session, version, dim)

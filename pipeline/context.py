@@ -75,6 +75,8 @@ class Lab:
     _calibrations: dict[str, OpenSetCalibration | None] = field(default_factory=dict, repr=False)
     #: (key, pipeline.suggest.Gallery) of the last search: see enrolled_gallery
     _gallery_cache: tuple | None = field(default=None, repr=False)
+    #: per embedder version, with Settings.vector_backend "pgvector"
+    _pg_indexes: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Lab":
@@ -152,7 +154,12 @@ class Lab:
         ``sync`` (default): first bring it up to date with writes made since, by any
         process (module docstring). ``sync=False`` skips the check, e.g. for a caller that
         reads the index many times within one operation.
+
+        With ``Settings.vector_backend == "pgvector"`` it is a ``PgVectorIndex`` instead:
+        the index lives in PostgreSQL, always current, so there is nothing to sync.
         """
+        if self.settings.vector_backend == "pgvector":
+            return self._pgvector_index(self.model_version, self.embedder.dim)
         index = self._index
         if index is None or index.model_version != self.model_version:
             with self._index_lock:
@@ -172,8 +179,23 @@ class Lab:
         with self.sessions() as session:
             return embedding_stamp(session, version)
 
+    def _pgvector_index(self, version: str, dim: int) -> FaceIndex:
+        index = self._pg_indexes.get(version)
+        if index is None:
+            from storage.pgvector_index import PgVectorIndex
+
+            with self._index_lock:
+                index = self._pg_indexes.get(version)
+                if index is None:
+                    index = self._pg_indexes[version] = PgVectorIndex(self.engine, version, dim).ensure()
+        return index  # type: ignore[return-value]  # the same interface
+
     def rebuild_index(self) -> FaceIndex:
         """Throw the index away and build it again from the database."""
+        if self.settings.vector_backend == "pgvector":
+            index = self._pgvector_index(self.model_version, self.embedder.dim)
+            index.drop()  # type: ignore[attr-defined]
+            return index.ensure()  # type: ignore[attr-defined]
         with self._index_lock:
             for path in FaceIndex.all_paths(self.settings.index_dir, self.model_version):
                 path.unlink(missing_ok=True)
@@ -187,6 +209,8 @@ class Lab:
         """The saved index of embedder ``version``, or one rebuilt (and saved) from the
         database when the saved one is missing, damaged or behind the database. For the
         active embedder use ``index()``, which also keeps it in memory and in sync."""
+        if self.settings.vector_backend == "pgvector":
+            return self._pgvector_index(version, dim)
         with self.sessions() as session:
             face_ids, row_ids = embedding_rows(session, version)
 
@@ -209,6 +233,9 @@ class Lab:
         keep_newer=True)`` (the database may already hold a newer row for the face, or a
         sync may have applied this very change) and ``remove`` for deleted faces.
         """
+        if self.settings.vector_backend == "pgvector":
+            yield self.index()  # its add/remove/save are no-ops: the commit did it all
+            return
         with self._index_lock:
             if self._index is None or self._index.model_version != self.model_version:
                 self._index = self._load_index()  # reads the database after the commit

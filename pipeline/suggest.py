@@ -44,7 +44,8 @@ def enrolled_gallery(lab: Lab, index: FaceIndex) -> Gallery:
             return cached[1]
         rows = session.execute(select(Face.id, Face.identity_id).where(Face.identity_id.is_not(None))).all()
         names = dict(session.execute(select(Identity.id, Identity.name)).all())
-    person_of = {int(f): int(p) for f, p in rows if int(f) in index}
+    held = index.present([f for f, _ in rows]) if rows else np.zeros(0, dtype=bool)
+    person_of = {int(f): int(p) for (f, p), ok in zip(rows, held, strict=True) if ok}
     gallery = Gallery(np.fromiter(sorted(person_of), dtype=np.int64, count=len(person_of)), person_of, names)
     lab._gallery_cache = (key, gallery)
     return gallery

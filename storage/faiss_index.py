@@ -643,6 +643,21 @@ class FaceIndex:
         self._dirty = True
         self._candidates = None
 
+    def present(self, face_ids: np.ndarray | list[int]) -> np.ndarray:
+        """Which of ``face_ids`` have a vector here (bool per id)."""
+        rows = self._rows
+        return np.fromiter((int(f) in rows for f in np.asarray(face_ids).reshape(-1).tolist()), dtype=bool)
+
+    def reconstruct_many(self, face_ids: np.ndarray | list[int]) -> np.ndarray:
+        """The stored (normalised) vectors of ``face_ids``, in that order; KeyError if one is absent."""
+        with self._lock.read():
+            pos = self._store.pos
+            at = np.asarray([pos[int(f)] if int(f) in pos else -1 for f in np.asarray(face_ids).reshape(-1).tolist()],
+                            dtype=np.int64)
+            if (at < 0).any():
+                raise KeyError(int(np.asarray(face_ids).reshape(-1)[np.argmax(at < 0)]))
+            return self._store.vectors()[at].copy() if len(at) else np.zeros((0, self.dim), np.float32)
+
     def reconstruct(self, face_id: int) -> np.ndarray:
         """The stored (normalised) vector for ``face_id``; KeyError if absent."""
         with self._lock.read():
