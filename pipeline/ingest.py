@@ -180,7 +180,7 @@ def _store(lab: Lab, photos: Sequence[AnalysedPhoto]) -> list[Stored]:
         fault_point("ingest_after_file")
     try:
         with lab.session() as session:
-            stored = [_store_rows(lab, session, photo) for photo in photos]
+            stored = _store_rows(lab, session, photos)
     except IntegrityError:
         # another process stored one of these photos between our check and our commit:
         # one transaction per photo, so the others still go in (and that one is found)
@@ -188,7 +188,7 @@ def _store(lab: Lab, photos: Sequence[AnalysedPhoto]) -> list[Stored]:
         stored = []
         for photo in photos:
             with lab.session() as session:
-                stored.append(_store_rows(lab, session, photo))
+                stored += _store_rows(lab, session, [photo])
     fault_point("ingest_after_commit")
     new = [(infos, vecs, rows) for _, _, infos, vecs, rows in stored if rows]
     if new:
@@ -200,28 +200,44 @@ def _store(lab: Lab, photos: Sequence[AnalysedPhoto]) -> list[Stored]:
     return [(image, image_id, infos, vecs) for image, image_id, infos, vecs, _ in stored]
 
 
-def _store_rows(lab: Lab, session: Session, photo: AnalysedPhoto
-                ) -> tuple[DecodedImage, int, list[FaceInfo], np.ndarray | None, list[Embedding]]:
-    image = photo.image
+def _store_rows(lab: Lab, session: Session, photos: Sequence[AnalysedPhoto]
+                ) -> list[tuple[DecodedImage, int, list[FaceInfo], np.ndarray | None, list[Embedding]]]:
+    """The photos' image, face and embedding rows (two flushes for the whole batch)."""
+    origin, version = lab.detector.version, lab.model_version
     # Another request may have stored the same image since we checked.
-    row = session.scalars(select(Image).where(Image.sha256 == image.sha256)).one_or_none()
-    if row is not None:
-        known = stored_face_quality(lab, [f.id for f in row.faces])
-        return image, row.id, [_face_info(f, *known.get(f.id, (None, True))) for f in row.faces], None, []
-    row = Image(
-        sha256=image.sha256, original_name=image.name, width=image.width, height=image.height,
-        size_bytes=image.size_bytes, mime=image.mime, upload_sha256=image.upload_sha256,
-    )
-    session.add(row)
-    faces = [_new_face(box, lab.detector.version) for box in photo.boxes]
-    row.faces.extend(faces)
-    session.flush()
-    embeddings = [Embedding.from_array(face.id, lab.model_version, vec)
-                  for face, vec in zip(faces, photo.vectors, strict=True)]
-    session.add_all(embeddings)
+    known = {row.sha256: row for row in session.scalars(
+        select(Image).where(Image.sha256.in_({p.image.sha256 for p in photos}))).all()}
+    rows: list[tuple[AnalysedPhoto, Image, list[Face] | None]] = []
+    for photo in photos:
+        image = photo.image
+        row = known.get(image.sha256)
+        if row is not None:  # stored before, or earlier in this batch
+            rows.append((photo, row, None))
+            continue
+        row = known[image.sha256] = Image(
+            sha256=image.sha256, original_name=image.name, width=image.width, height=image.height,
+            size_bytes=image.size_bytes, mime=image.mime, upload_sha256=image.upload_sha256,
+        )
+        session.add(row)
+        faces = [_new_face(box, origin) for box in photo.boxes]
+        row.faces.extend(faces)
+        rows.append((photo, row, faces))
+    session.flush()  # image and face ids
+    embeddings = {id(photo): [Embedding.from_array(face.id, version, vec)
+                              for face, vec in zip(faces, photo.vectors, strict=True)]
+                  for photo, _, faces in rows if faces is not None}
+    session.add_all([e for batch in embeddings.values() for e in batch])
     session.flush()  # embedding row ids, for the index
-    infos = [_face_info(f, q, passes_gate(lab, q)) for f, q in zip(faces, photo.quality, strict=True)]
-    return image, row.id, infos, photo.vectors, embeddings
+    out = []
+    for photo, row, faces in rows:
+        if faces is None:
+            quality = stored_face_quality(lab, [f.id for f in row.faces])
+            out.append((photo.image, row.id, [_face_info(f, *quality.get(f.id, (None, True))) for f in row.faces],
+                        None, []))
+        else:
+            infos = [_face_info(f, q, passes_gate(lab, q)) for f, q in zip(faces, photo.quality, strict=True)]
+            out.append((photo.image, row.id, infos, photo.vectors, embeddings[id(photo)]))
+    return out
 
 
 def _results(lab: Lab, stored: Sequence[Stored]) -> list[FileResult]:
