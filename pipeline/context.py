@@ -104,6 +104,8 @@ class Lab:
         self.close()
 
     def close(self) -> None:
+        for index in self._pg_indexes.values():
+            index.close()
         self.engine.dispose()
 
     @contextmanager

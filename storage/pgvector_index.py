@@ -96,6 +96,7 @@ class PgVectorIndex:
         self._where = f"model_version = '{model_version}'"
         self._candidates: tuple[Any, np.ndarray, np.ndarray] | None = None
         self._lock = threading.Lock()
+        self._search_engines: dict[int, Engine] = {}
 
     def __repr__(self) -> str:
         return f"PgVectorIndex({self.model_version!r}, dim={self.dim})"
@@ -119,6 +120,29 @@ class PgVectorIndex:
                 f"WITH (m = {self.m}, ef_construction = {self.ef_construction}) WHERE {self._where}"))
             conn.execute(text("ANALYZE embeddings"))
         return self
+
+    def _search_engine(self, ef_search: int) -> Engine:
+        """Connections for searches only: autocommit (one round trip per query) and set up
+        at connect time for HNSW scans. pgvector returns at most ``hnsw.ef_search`` rows
+        per scan; and the planner may think a scan plus sort is cheaper (e.g. before
+        ANALYZE has seen a bulk import), which would decode every row of the version, so
+        scans and sorts are off on these connections (never on the app's own)."""
+        engine = self._search_engines.get(ef_search)
+        if engine is None:
+            from storage.db import make_engine
+
+            options = (f"-c hnsw.ef_search={ef_search} -c enable_seqscan=off -c enable_bitmapscan=off "
+                       "-c enable_sort=off")
+            engine = make_engine(self.engine.url.render_as_string(hide_password=False), pool_size=2,
+                                 connect_args={"options": options}, isolation_level="AUTOCOMMIT")
+            with self._lock:
+                engine = self._search_engines.setdefault(ef_search, engine)
+        return engine
+
+    def close(self) -> None:
+        for engine in self._search_engines.values():
+            engine.dispose()
+        self._search_engines.clear()
 
     def drop(self) -> None:
         with self.engine.begin() as conn:
@@ -212,13 +236,7 @@ class PgVectorIndex:
                 # distance would decode every returned row in SQL once more
                 sql = text(f"SELECT face_id, vector FROM embeddings WHERE {self._where} "
                            f"ORDER BY {self._expr} <=> CAST(:q AS vector({self.dim})) LIMIT :k")
-                with self.engine.begin() as conn:
-                    # pgvector returns at most ef_search rows per scan; and the planner may
-                    # think a scan plus sort is cheaper (e.g. before ANALYZE has seen a bulk
-                    # import), which would decode every row of the version
-                    conn.exec_driver_sql(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
-                                         "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; "
-                                         "SET LOCAL enable_sort = off")
+                with self._search_engine(max(self.ef_search, k)).connect() as conn:
                     for row, q in enumerate(queries):
                         got = conn.execute(sql, {"q": _literal(q), "k": k}).all()
                         if not got:
