@@ -381,7 +381,7 @@ def bench_costs(size: int, settings_kwargs: dict, reps: int = 10) -> dict:
             index = lab.index()
         rng = np.random.default_rng(5)
 
-        def measure(name: str, old: Callable[[], object], new: Callable[[], object]) -> None:
+        def measure(name: str, old: Callable[[], object], new: Callable[[], object], reps: int = reps) -> None:
             t: dict[str, dict[str, list[float]]] = {"old": {}, "new": {}}
             for _ in range(reps):
                 with clock(t["old"]):
@@ -412,7 +412,7 @@ def bench_costs(size: int, settings_kwargs: dict, reps: int = 10) -> dict:
                 index.save(checkpoint=checkpoint)
             return run
 
-        measure("index_save_after_an_ingest_batch", save(True), save(False))
+        measure("index_save_after_an_ingest_batch", save(True), save(False), reps=3)
 
         def gallery(cached: bool) -> Callable[[], None]:
             def run() -> None:
