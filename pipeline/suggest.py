@@ -12,6 +12,7 @@ from sqlalchemy import select
 from pipeline.context import Lab
 from pipeline.identify import DecisionRule, decide, decision_rule
 from pipeline.results import FaceInfo, PersonMatch, Suggestion
+from storage.embedding_rows import gallery_counter
 from storage.faiss_index import FaceIndex
 from storage.orm import Face, Identity
 
@@ -32,11 +33,22 @@ class Gallery:
 
 
 def enrolled_gallery(lab: Lab, index: FaceIndex) -> Gallery:
+    """The enrolled faces the index holds. Cached per Lab: read again only when the
+    database's gallery counter (kept by triggers: enrolments, renames, deletions, by any
+    process) or the index's contents moved, so a search does not re-read every enrolled
+    face."""
     with lab.sessions() as session:
+        key = (gallery_counter(session), id(index), index.stamp())
+        cached = lab._gallery_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
         rows = session.execute(select(Face.id, Face.identity_id).where(Face.identity_id.is_not(None))).all()
         names = dict(session.execute(select(Identity.id, Identity.name)).all())
-    person_of = {int(f): int(p) for f, p in rows if int(f) in index}
-    return Gallery(np.fromiter(sorted(person_of), dtype=np.int64, count=len(person_of)), person_of, names)
+    held = index.present([f for f, _ in rows]) if rows else np.zeros(0, dtype=bool)
+    person_of = {int(f): int(p) for (f, p), ok in zip(rows, held, strict=True) if ok}
+    gallery = Gallery(np.fromiter(sorted(person_of), dtype=np.int64, count=len(person_of)), person_of, names)
+    lab._gallery_cache = (key, gallery)
+    return gallery
 
 
 def rank_people(lab: Lab, vectors: np.ndarray, people: int = 5, exclude: set[int] | None = None,

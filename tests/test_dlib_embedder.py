@@ -189,3 +189,45 @@ def test_package_model_file_names_the_missing_file():
     assert "no_such_model.dat" in str(err.value)
     assert "pip install face_recognition_models==0.3.0" in str(err.value)
     assert package_model_file(WEIGHTS).stat().st_size > 20_000_000
+
+
+def test_embed_many_equals_embedding_photo_by_photo(embedder):
+    """All faces and mirrors of several photos in one pass give each photo's own vectors."""
+    import cv2
+
+    flip = DlibEmbedder(flip=True, landmark_detector=embedder.landmark_detector)
+    img = data.astronaut()
+    l, t, r, b = ASTRONAUT_FACE
+    small = cv2.resize(img, None, fx=0.7, fy=0.7, interpolation=cv2.INTER_AREA)
+    items = [
+        (img, [FaceBox(l, t, r + 1, b + 1)]),
+        (data.chelsea(), []),  # a photo without faces keeps its place
+        (small, [FaceBox(l * 0.7, t * 0.7, (r + 1) * 0.7, (b + 1) * 0.7), FaceBox(10, 10, 80, 80)]),
+    ]
+    together = flip.embed_many(items)
+    assert [v.shape for v in together] == [(1, 128), (0, 128), (2, 128)]
+    for (image, boxes), vecs in zip(items, together, strict=True):
+        np.testing.assert_allclose(vecs, flip.embed(image, boxes), atol=1e-5)
+
+
+def test_fast_alignment_embeds_like_the_exact_one(embedder):
+    img = data.astronaut()
+    l, t, r, b = ASTRONAUT_FACE
+    box = FaceBox(l, t, r + 1, b + 1)
+    exact = DlibEmbedder(landmark_detector=embedder.landmark_detector, fast_align=False).embed(img, [box])[0]
+    fast = DlibEmbedder(landmark_detector=embedder.landmark_detector, fast_align=True).embed(img, [box])[0]
+    assert float(exact @ fast) > 0.999
+
+
+def test_bf16_only_where_the_cpu_has_it(embedder, chips):
+    from models.base import cpu_has_native_bf16
+
+    auto = DlibEmbedder(landmark_detector=embedder.landmark_detector)
+    assert auto.bf16 == cpu_has_native_bf16()
+    assert not DlibEmbedder(landmark_detector=embedder.landmark_detector, precision="fp32").bf16
+    with pytest.raises(ValueError, match="precision"):
+        DlibEmbedder(precision="fp16")
+    # forced bf16 (emulated on CPUs without it, so only a few chips): close to fp32
+    forced = DlibEmbedder(landmark_detector=embedder.landmark_detector, precision="bf16")
+    got, want = forced.embed_chips(chips[:2]), embedder.embed_chips(chips[:2])
+    assert np.min(np.sum(got * want, axis=1)) > 0.99

