@@ -59,6 +59,7 @@ ENDPOINT_ACTIONS: dict[str, str] = {
     "enroll": "label",
     "search": "view",
     "list_people": "view",
+    "find_faces": "view",
     "rename_person": "curate",
     "merge_people": "curate",
     "delete_person": "delete",

@@ -44,6 +44,7 @@ from models.detectors.base import FaceDetector
 from models.detectors.factory import create_detector
 from models.embedders.base import FaceEmbedder
 from models.embedders.factory import create_embedder
+from models.attributes.analyzer import FaceAttributeModel
 from models.landmarks import LandmarkDetector
 from pipeline.settings import Settings
 from storage.db import make_engine, migrate, session_factory
@@ -67,6 +68,8 @@ class Lab:
     _index_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: one writer at a time for ingest/enroll/delete: keeps DB and index in step
     write_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    #: emotion/age/gender (pipeline.attributes); None when switched off in the settings
+    attributes: FaceAttributeModel | None = None
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Lab":
@@ -84,6 +87,7 @@ class Lab:
             detector=create_detector(settings.detector),
             landmarker=landmarker,
             embedder=create_embedder(settings.embedder, landmark_detector=landmarker),
+            attributes=FaceAttributeModel(landmark_detector=landmarker) if settings.attributes else None,
         )
 
     # -- context manager -------------------------------------------------------------

@@ -16,6 +16,8 @@ import numpy as np
 from sqlalchemy import or_, select
 
 from models.types import FaceBox
+from pipeline.attributes import analyze, attribute_version
+from pipeline.attributes import rows_for as attribute_rows
 from pipeline.context import Lab
 from pipeline.faults import fault_point
 from pipeline.results import FaceInfo, FileResult, IngestReport
@@ -129,6 +131,8 @@ def _detect_embed_store(lab: Lab, images: Sequence[DecodedImage]) -> list[FileRe
     all_boxes = lab.detector.detect_batch([img.rgb for img in images])
     with_landmarks = [lab.landmarker.predict(img.rgb, boxes) if boxes else [] for img, boxes in zip(images, all_boxes)]
     vectors = [lab.embedder.embed(img.rgb, boxes) for img, boxes in zip(images, with_landmarks)]
+    attributes = [analyze(lab, img.rgb, boxes) for img, boxes in zip(images, with_landmarks)]
+    attr_version = attribute_version(lab)
     version = lab.model_version
     origin = lab.detector.version
 
@@ -136,7 +140,7 @@ def _detect_embed_store(lab: Lab, images: Sequence[DecodedImage]) -> list[FileRe
     new_ids: list[np.ndarray] = []
     new_vectors: list[np.ndarray] = []
     new_rows: list[list[Embedding]] = []
-    for image, boxes, vecs in zip(images, with_landmarks, vectors, strict=True):
+    for image, boxes, vecs, attrs in zip(images, with_landmarks, vectors, attributes, strict=True):
         lab.images.put(image)  # atomic, content-addressed; before the row that points to it
         fault_point("ingest_after_file")
         with lab.session() as session:
@@ -155,6 +159,8 @@ def _detect_embed_store(lab: Lab, images: Sequence[DecodedImage]) -> list[FileRe
             session.flush()
             embeddings = [Embedding.from_array(face.id, version, vec) for face, vec in zip(faces, vecs, strict=True)]
             session.add_all(embeddings)
+            if attrs is not None and attr_version is not None:
+                session.add_all(attribute_rows([f.id for f in faces], attrs, attr_version))
             stored.append((image, row.id, [_face_info(f) for f in faces], np.asarray(vecs, dtype=np.float32)))
             if faces:
                 new_ids.append(np.array([f.id for f in faces], dtype=np.int64))

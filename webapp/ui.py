@@ -11,6 +11,7 @@ from typing import Any
 
 import gradio as gr
 
+from models.attributes.emotion_net import EMOTIONS
 from pipeline import auth, views
 from pipeline.context import Lab
 from pipeline.errors import FaceLabError
@@ -21,8 +22,10 @@ from webapp.train_tab import build_train_tab
 
 log = logging.getLogger(__name__)
 
-FACE_TABLE_HEADERS = ["face id", "file", "score", "person", "suggestion", "similarity"]
-SEARCH_TABLE_HEADERS = ["rank", "person", "similarity", "match", "face id", "image id"]
+FACE_TABLE_HEADERS = ["face id", "file", "score", "person", "suggestion", "similarity", *views.ATTRIBUTE_HEADERS]
+SEARCH_TABLE_HEADERS = ["rank", "person", "similarity", "match", "face id", "image id", *views.ATTRIBUTE_HEADERS]
+FACES_TABLE_HEADERS = ["face id", "image id", "person", *views.ATTRIBUTE_HEADERS]
+EMOTION_CHOICES = ["any", *EMOTIONS]
 PEOPLE_TABLE_HEADERS = ["id", "name", "faces"]
 
 INTRO = """# FaceLab
@@ -132,6 +135,8 @@ def _search_tab(lab: Lab) -> None:
                 0.0, 1.0, value=lab.match_threshold, step=0.01,
                 label="Match threshold (cosine similarity)", elem_id="search-threshold",
             )
+            emotion = gr.Dropdown(EMOTION_CHOICES, value="any", label="Only faces whose emotion is",
+                                  elem_id="search-emotion")
             search_button = gr.Button("Search", variant="primary", elem_id="search-button")
             message = gr.Markdown(elem_id="search-message")
         with gr.Column(scale=2):
@@ -140,16 +145,17 @@ def _search_tab(lab: Lab) -> None:
             )
     table = gr.Dataframe(headers=SEARCH_TABLE_HEADERS, label="Results", interactive=False, elem_id="search-table")
 
-    def on_search(path: str | None, top_k: float, min_similarity: float, request: gr.Request) -> tuple[Any, ...]:
+    def on_search(path: str | None, top_k: float, min_similarity: float, request: gr.Request,
+                  only_emotion: str | None = "any") -> tuple[Any, ...]:
         try:
             auth.require_endpoint(lab, request.username, "search")
-            view = views.search(lab, path, int(top_k), float(min_similarity))
+            view = views.search(lab, path, int(top_k), float(min_similarity), only_emotion)
         except FaceLabError as exc:
             raise _user_error(exc) from exc
         return view.gallery, view.rows, view.message
 
     search_button.click(
-        on_search, inputs=[query, k, threshold], outputs=[gallery, table, message], api_name="search"
+        on_search, inputs=[query, k, threshold, emotion], outputs=[gallery, table, message], api_name="search"
     )
 
 
@@ -196,6 +202,7 @@ def _people_tab(lab: Lab) -> tuple[Any, list[Any]]:
         return people_outputs()
 
     refresh.click(on_refresh, outputs=outputs, api_name="list_people")
+    _find_faces_panel(lab)
     rename_button.click(guarded(views.rename_person, "rename_person"), [rename_from, rename_to], outputs,
                         api_name="rename_person")
     merge_button.click(guarded(views.merge_people, "merge_people"), [merge_from, merge_into], outputs,
@@ -203,6 +210,33 @@ def _people_tab(lab: Lab) -> tuple[Any, list[Any]]:
     delete_button.click(guarded(views.delete_person, "delete_person"), [delete_name, delete_confirm], outputs,
                         api_name="delete_person")
     return people_outputs, outputs
+
+
+def _find_faces_panel(lab: Lab) -> None:
+    """People tab: a person's faces (or everyone's) filtered by emotion, gender and age."""
+    with gr.Accordion("Find faces by emotion, age and gender", open=False, elem_id="find-faces"):
+        with gr.Row():
+            person = gr.Textbox(label="Person (empty: everyone)", elem_id="find-person")
+            emotion = gr.Dropdown(EMOTION_CHOICES, value="any", label="Emotion", elem_id="find-emotion")
+            gender = gr.Dropdown(["any", "female", "male"], value="any", label="Gender", elem_id="find-gender")
+            min_age = gr.Number(label="Age from", value=None, precision=0, elem_id="find-min-age")
+            max_age = gr.Number(label="Age to", value=None, precision=0, elem_id="find-max-age")
+        find_button = gr.Button("Find faces", elem_id="find-button")
+        gallery = gr.Gallery(label="Faces", columns=10, height=220, fit_columns=False, elem_id="find-gallery")
+        table = gr.Dataframe(headers=FACES_TABLE_HEADERS, label="Faces", interactive=False, elem_id="find-table")
+        message = gr.Markdown(elem_id="find-message")
+
+    def on_find(who: str | None, emo: str | None, sex: str | None, lo: float | None, hi: float | None,
+                request: gr.Request) -> tuple[Any, ...]:
+        try:
+            auth.require_endpoint(lab, request.username, "find_faces")
+            view = views.find_faces(lab, who, emo, sex, lo, hi)
+        except FaceLabError as exc:
+            raise _user_error(exc) from exc
+        return view.gallery, view.rows, view.message
+
+    find_button.click(on_find, inputs=[person, emotion, gender, min_age, max_age], outputs=[gallery, table, message],
+                      api_name="find_faces")
 
 
 def launch(lab: Lab, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs: Any) -> None:

@@ -90,9 +90,12 @@ class _Loaded:
     extra: dict = field(default_factory=dict)
 
 
+MODEL_NAMES = {"emotion": "emotion model", "age_gender": "age/gender model"}
+
+
 def _read(path: Path, fmt: str, what: str) -> dict:
     if not path.is_file():
-        raise WeightsNotFoundError(f"{what} attribute model", path, HOW_TO_GET[what])
+        raise WeightsNotFoundError(MODEL_NAMES[what], path, HOW_TO_GET[what])
     doc = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(doc, dict) or doc.get("format") != fmt:
         raise ModelInputError(f"{path}: not a {fmt} weights file (format {doc.get('format') if isinstance(doc, dict) else '?'})")
@@ -104,8 +107,11 @@ def _fp32(state: dict) -> dict:
 
 
 class FaceAttributeModel(InferenceModel):
-    """Emotion + age + gender per face box. ``load()`` never fails for a missing file:
-    check ``available`` and ``missing`` (``WeightsNotFoundError`` per absent file)."""
+    """Emotion + age + gender per face box. A missing weights file is not an error:
+    ``absent()`` lists it (``WeightsNotFoundError`` naming the file), ``missing_note()``
+    says it in one sentence, and its part of every ``FaceAttributes`` stays None.
+    Networks load on the first ``predict``; ``available`` and ``version`` only look at
+    the files."""
 
     name = "attributes"
 
@@ -121,6 +127,7 @@ class FaceAttributeModel(InferenceModel):
         self._emotion: _Loaded | None = None
         self._age_gender: _Loaded | None = None
         self._dlib = None  # frozen dlib network (the age/gender model's front)
+        self._sha_cache: dict[str, tuple[object, str]] = {}
 
     # -- loading -------------------------------------------------------------------------
     def _load(self) -> None:
@@ -166,26 +173,41 @@ class FaceAttributeModel(InferenceModel):
         net.load_state_dict(_fp32(doc["state_dict"]))
         return _Loaded(path, file_sha256(path), meta, net.eval())
 
-    # -- what is loaded ------------------------------------------------------------------
+    # -- what is installed (cheap: no network is loaded to answer) ------------------------
+    def _parts(self) -> dict[str, Path | None]:
+        return {"emotion": self.emotion_path, "age_gender": self.age_gender_path}
+
+    def absent(self) -> list[WeightsNotFoundError]:
+        """One error per weights file that is not there (a part set to None is not asked for)."""
+        return [WeightsNotFoundError(MODEL_NAMES[what], path, HOW_TO_GET[what])
+                for what, path in self._parts().items() if path is not None and not path.is_file()]
+
     @property
     def available(self) -> bool:
-        self.load()
-        return self._emotion is not None or self._age_gender is not None
+        return any(path is not None and path.is_file() for path in self._parts().values())
 
     @property
     def version(self) -> str:
-        """e.g. ``attr-emo3f2a9c1b20de-ag81c0e2d4a911``; a part not loaded is ``none``."""
-        self.load()
-        emo = self._emotion.sha[:12] if self._emotion else "none"
-        ag = self._age_gender.sha[:12] if self._age_gender else "none"
-        return f"attr-emo{emo}-ag{ag}"
+        """e.g. ``attr-emo3f2a9c1b20de-ag81c0e2d4a911`` (weights files' sha256 prefixes; a
+        part whose file is absent is ``none``). Read from the files, not the loaded nets,
+        so checking what needs recomputing never loads a network."""
+        shas = {}
+        for what, path in self._parts().items():
+            if path is None or not path.is_file():
+                shas[what] = "none"
+            else:
+                key = (str(path), path.stat().st_mtime_ns, path.stat().st_size)
+                if self._sha_cache.get(what, (None,))[0] != key:
+                    self._sha_cache[what] = (key, file_sha256(path)[:12])
+                shas[what] = self._sha_cache[what][1]
+        return f"attr-emo{shas['emotion']}-ag{shas['age_gender']}"
 
     def missing_note(self) -> str | None:
         """One sentence for the UI/CLI naming each absent weights file, or None."""
-        self.load()
-        if not self.missing:
+        absent = self.absent()
+        if not absent:
             return None
-        parts = [f"{exc.model}: {exc.path} not found" for exc in self.missing]
+        parts = [f"{exc.model}: {exc.path} not found" for exc in absent]
         return ("Face attributes " + ("off" if not self.available else "partly off") + ": " + "; ".join(parts)
                 + ". See docs/attributes.md.")
 
@@ -195,7 +217,7 @@ class FaceAttributeModel(InferenceModel):
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ModelInputError(f"expected an HxWx3 uint8 RGB image, got {getattr(image, 'shape', None)}")
         boxes = list(boxes)
-        if not boxes or not self.available:
+        if not boxes or (self._emotion is None and self._age_gender is None):
             return [FaceAttributes() for _ in boxes]
         missing = [i for i, b in enumerate(boxes) if b.landmarks is None]
         if missing and self.landmark_detector is not None:
