@@ -15,7 +15,8 @@ Brightness/contrast jitter would be pointless: every crop is standardised on its
 Resumable: ``<out>/last.pt`` (model, optimiser, epoch, history) is written after every
 epoch and a rerun with the same ``--out`` continues from it; ``<out>/best.pt`` holds the
 epoch with the best select accuracy. Progress and ETA go to ``<out>/train.log``.
-``--export PATH`` writes the best epoch's fp16 weights in the app's format.
+``--export PATH`` writes the best epoch's fp16 weights in the app's format, with the FER
+framing measured by ``bench/fit_fer_framing.py`` (``--framing``).
 """
 
 from __future__ import annotations
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=EmotionTrainConfig.epochs)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--export", type=Path, help="after training, write best.pt as fp16 app weights here")
+    ap.add_argument("--framing", type=Path, default=Path("docs/results/fer_framing.json"),
+                    help="bench/fit_fer_framing.py's result; its framing goes into the exported weights")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
@@ -229,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     result = train(args.fer.expanduser(), args.out.expanduser(), cfg)
     log.info("finished: best select accuracy %.4f", result["best_select_accuracy"])
     if args.export:
-        log.info("exported %s", export_weights(args.out / "best.pt", args.export))
+        framing = json.loads(args.framing.read_text())
+        meta = {"framing": framing["framing"], "framing_measured_on": f"{framing['images']} select faces ({args.framing.name})"}
+        log.info("exported %s", export_weights(args.out / "best.pt", args.export, meta))
     return 0
 
 
