@@ -196,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
             return cli_command(lab, args)
 
     from pipeline.auth import LaunchRefused, check_bind, users_configured
-    from pipeline.cli import embed_missing_command
+    from pipeline.cli import attributes_missing_command, embed_missing_command
     from pipeline.registry import apply_active_models
     from webapp.ui import launch
 
@@ -209,6 +209,7 @@ def _run(args: argparse.Namespace) -> int:
         for line in apply_active_models(lab):  # the promoted models win over the defaults
             print(f"model in use: {line}")
         embed_missing_command(lab)
+        attributes_missing_command(lab)
         launch(lab, host=args.host, port=args.port, share=args.share)
     return 0
 

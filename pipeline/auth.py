@@ -69,6 +69,7 @@ ENDPOINT_ACTIONS: dict[str, str] = {
     # People (webapp/ui.py)
     "list_people": "view",
     "people_tab_open": "view",
+    "find_faces": "view",
     "rename_person": "curate",
     "merge_people": "curate",
     **{f"people_merge_choices_{after}": "view"  # the merge-target list after every change

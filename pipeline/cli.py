@@ -62,3 +62,27 @@ def embed_missing_command(lab: Lab) -> int:
             bar.refresh()
 
         return embed_missing(lab, progress)
+
+
+def attributes_missing_command(lab: Lab) -> int:
+    """Before serving: say which attribute weights are absent, and compute the attributes
+    of faces the installed attribute models have not seen (new models?), with a progress bar."""
+    from pipeline.attributes import attribute_version, faces_missing_attributes, compute_missing, missing_note
+
+    if note := missing_note(lab):
+        print(note)
+    missing = len(faces_missing_attributes(lab))
+    if not missing:
+        return 0
+    print(f"{missing} face(s) have no {attribute_version(lab)} attributes yet (new attribute models?): computing them")
+    with tqdm(total=100, unit="%", desc="Face attributes") as bar:
+        def progress(fraction: float, text: str) -> None:
+            bar.n = round(fraction * 100)
+            bar.set_postfix_str(text)
+            bar.refresh()
+
+        try:
+            return compute_missing(lab, progress)
+        except Exception as exc:  # noqa: BLE001 - e.g. a damaged weights file: serve without attributes
+            print(f"face attributes not computed: {exc}", file=sys.stderr)
+            return 0

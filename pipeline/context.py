@@ -46,6 +46,7 @@ from models.detectors.base import FaceDetector
 from models.detectors.factory import create_detector
 from models.embedders.base import FaceEmbedder
 from models.embedders.factory import create_embedder
+from models.attributes.analyzer import FaceAttributeModel
 from models.face_quality import FaceQualityModel, load_quality_model
 from models.landmarks import LandmarkDetector
 from models.open_set import OpenSetCalibration, load_calibration
@@ -78,6 +79,8 @@ class Lab:
     _gallery_cache: tuple | None = field(default=None, repr=False)
     #: per embedder version, with Settings.vector_backend "pgvector"
     _pg_indexes: dict = field(default_factory=dict, repr=False)
+    #: emotion/age/gender (pipeline.attributes); None when switched off in the settings
+    attributes: FaceAttributeModel | None = None
 
     @classmethod
     def open(cls, settings: Settings | None = None) -> "Lab":
@@ -95,6 +98,7 @@ class Lab:
             detector=create_detector(settings.detector),
             landmarker=landmarker,
             embedder=create_embedder(settings.embedder, landmark_detector=landmarker),
+            attributes=FaceAttributeModel(landmark_detector=landmarker) if settings.attributes else None,
         )
 
     # -- context manager -------------------------------------------------------------

@@ -30,7 +30,10 @@ plus, per format (box coordinates: FaceLab's own are 0-based, x2/y2 exclusive):
   ``images/``), one category ``{"id": 1, "name": "face"}`` and ``annotations`` whose
   ``bbox`` is ``[x, y, w, h]`` in pixels (COCO's convention: x = x1, w = x2 - x1) and
   ``attributes: {"identity": name or null, "review_status": ...}`` (CVAT's convention
-  for per-box attributes); each entry of ``images`` also has ``image_status``.
+  for per-box attributes), plus the face's estimated ``emotion``, ``emotion_confidence``,
+  ``emotion_probs``, ``age``, ``gender``, ``gender_confidence`` and the
+  ``attribute_model`` version when attributes were computed (``coco_attributes``); each
+  entry of ``images`` also has ``image_status``.
 * ``voc``: ``annotations/<sha256>.xml``, one per image, with ``<size>`` and one
   ``<object>`` per face: ``<name>face</name>``, ``<identity>`` (empty when unnamed),
   ``<review_status>`` and ``<bndbox>`` in VOC's 1-based inclusive convention
@@ -95,6 +98,8 @@ class ExportFace:
     box: tuple[float, float, float, float]
     name: str | None
     review_status: str
+    #: emotion / age / gender (COCO only, see ``coco_attributes``); None when not computed
+    attributes: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,20 @@ def voc_number(value: float) -> str:
     return "0" if text in ("-0", "") else text
 
 
+def coco_attributes(lab: Lab, face_ids: list[int]) -> dict[int, dict]:
+    """Per face, its stored emotion/age/gender as COCO per-box attributes (``emotion``,
+    ``emotion_confidence``, ``emotion_probs``, ``age``, ``gender``, ``gender_confidence``,
+    ``attribute_model``); faces without stored attributes are absent."""
+    from pipeline.attributes import stored_attributes
+
+    out = {}
+    for face_id, a in stored_attributes(lab, face_ids).items():
+        out[face_id] = {"emotion": a.emotion, "emotion_confidence": a.emotion_confidence,
+                        "emotion_probs": a.emotion_probs, "age": a.age, "gender": a.gender,
+                        "gender_confidence": a.gender_confidence, "attribute_model": a.model_version}
+    return out
+
+
 def select_images(lab: Lab, selection: str = "all") -> list[ExportImage]:
     """The images and faces an export with ``selection`` contains, in image id order."""
     if selection not in SELECTIONS:
@@ -146,13 +165,15 @@ def select_images(lab: Lab, selection: str = "all") -> list[ExportImage]:
         images = session.scalars(select(Image).order_by(Image.id)).all()
         faces_by_image: dict[int, list[ExportFace]] = {}
         rows = session.execute(
-            select(Face.image_id, Face.x1, Face.y1, Face.x2, Face.y2, Face.review_status, Identity.name)
+            select(Face.id, Face.image_id, Face.x1, Face.y1, Face.x2, Face.y2, Face.review_status, Identity.name)
             .outerjoin(Identity, Face.identity_id == Identity.id)
             .where(wanted).order_by(Face.id)
         ).all()
+        attributes = coco_attributes(lab, [row.id for row in rows])
         for row in rows:
             faces_by_image.setdefault(row.image_id, []).append(
-                ExportFace((row.x1, row.y1, row.x2, row.y2), row.name, ReviewStatus(row.review_status).value)
+                ExportFace((row.x1, row.y1, row.x2, row.y2), row.name, ReviewStatus(row.review_status).value,
+                           attributes.get(row.id))
             )
         for image in images:
             faces = faces_by_image.get(image.id, [])
@@ -262,7 +283,7 @@ def _coco(images: list[ExportImage]) -> dict:
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
                 "bbox": [round(x1, 3), round(y1, 3), round(w, 3), round(h, 3)],
                 "area": round(w * h, 3), "iscrowd": 0,
-                "attributes": {"identity": face.name, "review_status": face.review_status},
+                "attributes": {"identity": face.name, "review_status": face.review_status, **(face.attributes or {})},
             })
     return {
         "info": {"description": "FaceLab export", "version": str(MANIFEST_VERSION)},

@@ -26,6 +26,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models.types import FaceBox
+from pipeline.attributes import analyze, attribute_version
+from pipeline.attributes import rows_for as attribute_rows
 from pipeline.context import Lab
 from pipeline.faults import fault_point
 from pipeline.identify import face_quality, passes_gate, stored_face_quality
@@ -183,6 +185,8 @@ class AnalysedPhoto:
     vectors: np.ndarray
     #: per box: the probability that it is a face (None: no quality model)
     quality: list[float | None]
+    #: per box: emotion, age, gender (None: no attribute models, or they failed on this photo)
+    attributes: list | None = None
 
 
 def analyse_photos(lab: Lab, images: Sequence[DecodedImage]) -> list[AnalysedPhoto]:
@@ -199,7 +203,8 @@ def analyse_photos(lab: Lab, images: Sequence[DecodedImage]) -> list[AnalysedPho
         # quality of each box (may it be a non-face?): decided before anything is stored
         q = face_quality(lab, vecs, [b.as_tuple() for b in boxes]) if boxes else None
         photos.append(AnalysedPhoto(image, list(boxes), np.asarray(vecs, dtype=np.float32),
-                                    [float(v) for v in q] if q is not None else [None] * len(boxes)))
+                                    [float(v) for v in q] if q is not None else [None] * len(boxes),
+                                    analyze(lab, image.rgb, boxes)))
     return photos
 
 
@@ -262,6 +267,10 @@ def _store_rows(lab: Lab, session: Session, photos: Sequence[AnalysedPhoto]
                               for face, vec in zip(faces, photo.vectors, strict=True)]
                   for photo, _, faces in rows if faces is not None}
     session.add_all([e for batch in embeddings.values() for e in batch])
+    attr_version = attribute_version(lab)
+    if attr_version is not None:
+        session.add_all([row for photo, _, faces in rows if faces and photo.attributes is not None
+                         for row in attribute_rows([f.id for f in faces], photo.attributes, attr_version)])
     session.flush()  # embedding row ids, for the index
     out = []
     for photo, row, faces in rows:

@@ -55,6 +55,9 @@ class Settings:
     #: PyTorch and FAISS threads per process. 1 by default: requests run concurrently,
     #: and on a busy 2-core machine one forward pass with 2 threads was ~20x slower
     torch_threads: int = field(default_factory=lambda: int(_env("TORCH_THREADS", "1")))
+    #: estimate emotion, age and gender of every face (models/weights/emotion-fer2013.pt,
+    #: age-gender-utkface.pt); FACELAB_ATTRIBUTES=0 switches it off
+    attributes: bool = field(default_factory=lambda: _env("ATTRIBUTES", "1") not in ("0", "false", "no", "off"))
 
     def __post_init__(self) -> None:
         # accept str paths from callers and the CLI

