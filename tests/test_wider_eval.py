@@ -73,13 +73,16 @@ def test_duplicate_detection_is_a_false_positive_and_scores_only_rank():
     worse = {"e/a": (np.vstack([[50, 50, 60, 60], box]), np.array([0.9, 0.8]))}  # FP ranked first
     assert evaluate_wider([img], worse)["easy"].ap == pytest.approx(0.5)
     # Only the ranking matters after min-max normalisation.
-    scaled = {"e/a": (worse["e/a"][0], worse["e/a"][1] * 40 + 3)}
+    scaled = {"e/a": (worse["e/a"][0], worse["e/a"][1] * 0.5 + 0.1)}
     assert evaluate_wider([img], scaled)["easy"].ap == pytest.approx(0.5)
 
 
 def test_normalise_scores_over_the_whole_set():
-    out = normalise_scores([np.array([2.0, 4.0]), np.array([]), np.array([6.0])])
+    out = normalise_scores([np.array([0.2, 0.4]), np.array([]), np.array([0.6])])
     np.testing.assert_allclose(np.concatenate(out), [0.0, 0.5, 1.0])
+    # the reference starts from min 1 and max 0: scores above 1 keep 1 as their minimum
+    out = normalise_scores([np.array([2.0, 4.0])])
+    np.testing.assert_allclose(out[0], [1 / 3, 1.0])
 
 
 # --- the reference implementation, transcribed (widerface_evaluate/evaluation.py) -------
@@ -148,7 +151,7 @@ def _ref_voc_ap(rec, prec):
 def _ref_evaluate(images, preds_xywhs, setting, thresh_num=1000, iou_thresh=0.5):
     """preds_xywhs[key]: (N, 5) x y w h score, sorted by score (as result files are)."""
     all_scores = np.concatenate([p[:, 4] for p in preds_xywhs.values() if len(p)])
-    lo, hi = all_scores.min(), all_scores.max()
+    lo, hi = min(1.0, all_scores.min()), max(0.0, all_scores.max())  # norm_score's start values
     norm = {k: np.c_[p[:, :4], (p[:, 4] - lo) / (hi - lo)] if len(p) else p for k, p in preds_xywhs.items()}
     count_face, pr_curve = 0, np.zeros((thresh_num, 2))
     for im in images:

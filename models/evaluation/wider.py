@@ -145,12 +145,14 @@ def image_pr_info(scores_desc: np.ndarray, pred_recall: np.ndarray, proposal: np
 
 
 def normalise_scores(scores: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Min-max normalise over every prediction of the set (official ``norm_score``)."""
+    """Min-max normalise over every prediction of the set (official ``norm_score``,
+    including its start values min = 1, max = 0: the same as plain min-max for scores in
+    [0, 1], which is what our detectors return)."""
     nonempty = [s for s in scores if len(s)]
     if not nonempty:
         return [np.asarray(s, dtype=np.float64) for s in scores]
-    lo = min(float(np.min(s)) for s in nonempty)
-    hi = max(float(np.max(s)) for s in nonempty)
+    lo = min([1.0] + [float(np.min(s)) for s in nonempty])
+    hi = max([0.0] + [float(np.max(s)) for s in nonempty])
     diff = hi - lo
     if diff <= 0:  # one distinct score: the official code would divide by zero
         return [np.ones(len(s)) for s in scores]
