@@ -31,6 +31,11 @@ ultralytics-format checkpoint that ``--detector yolo:PATH`` loads.
     python -m models.training.yolo_long_run train --data ~/facelab-runs/detector-data \
         --run ~/facelab-runs/yolo-face-n416 --model yolov8n.yaml --imgsz 416 --epochs 12
     python -m models.training.yolo_long_run bench --data ... --model yolov8s.yaml --imgsz 320 --steps 30 --threads 1
+    python -m models.training.yolo_long_run export --run ~/facelab-runs/yolo-face-n416 --out early.pt
+
+A resumed epoch replays the same batches and the same random draws, but ultralytics'
+mosaic takes its partner images from a buffer of recently loaded images, which starts
+empty after a resume: the first mosaics after a resume differ from an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -454,10 +459,29 @@ class LongRun:
                 "epoch_hours": self.steps_per_epoch * s / 3600, "load_avg_1min": os.getloadavg()[0]}
 
 
+def export_from_state(run: Path | str, out: Path | str) -> dict:
+    """fp16 checkpoint of the EMA weights in ``<run>/state.pt`` (an unfinished run too:
+    for measurements such as the ONNX export, not for shipping)."""
+    import torch
+
+    prepare_ultralytics_env()
+    blob = torch.load(Path(run).expanduser() / "state.pt", map_location="cpu", weights_only=False)
+    st = blob["state"]
+    cfg = LongRunConfig(**st["config"])
+    model = build_model(cfg)
+    model.load_state_dict(blob["ema"])
+    meta = {"trainer": "models/training/yolo_long_run.py", "config": st["config"], "from": "state.pt EMA",
+            "epoch_in_progress": st["epoch"] + 1, "step_in_epoch": st["step_in_epoch"],
+            "global_step": st["global_step"], "hours": round(st["elapsed_s"] / 3600, 3), "history": st["history"]}
+    export_checkpoint(model, Path(out).expanduser(), meta)
+    return meta
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["train", "bench"])
-    ap.add_argument("--data", required=True)
+    ap.add_argument("command", choices=["train", "bench", "export"])
+    ap.add_argument("--data", default=None, help="train/bench: the dataset folder")
+    ap.add_argument("--out", default=None, help="export: where to write the fp16 checkpoint of state.pt's EMA")
     ap.add_argument("--run", default=None, help="run folder (train: required; state.pt there is resumed)")
     ap.add_argument("--model", default="yolov8n.yaml")
     ap.add_argument("--imgsz", type=int, default=416)
@@ -473,6 +497,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="bench: timed steps")
     ap.add_argument("--bench-out", default=None, help="bench: append the result as a JSON line here")
     args = ap.parse_args(argv)
+    if args.command == "export":
+        if not args.run or not args.out:
+            ap.error("export needs --run and --out")
+        meta = export_from_state(args.run, args.out)
+        print(f"wrote {args.out} (global step {meta['global_step']}, {meta['hours']} h)")
+        return 0
+    if not args.data:
+        ap.error(f"{args.command} needs --data")
     data = str(Path(args.data).expanduser().resolve())
     if args.command == "train" and not args.run:
         ap.error("train needs --run")
