@@ -220,3 +220,21 @@ def test_precision_follows_the_cpu(monkeypatch):
     monkeypatch.setenv("FACELAB_CPU_BF16", "0")
     assert resolve_precision(DistillConfig(), torch.device("cpu")) == "fp32"
     assert resolve_precision(DistillConfig(precision="bf16"), torch.device("cpu")) == "bf16"
+
+
+def test_cli_trains_resumes_with_a_bare_command_and_exports(tmp_path, capsys):
+    from models.training.distill_long_run import main
+
+    make_store(tmp_path / "store", n_train=16)
+    common = ["--data", str(tmp_path / "store"), "--run", str(tmp_path / "run")]
+    recipe = ["--input-size", "32", "--batch", "8", "--epochs", "3", "--teacher", "stored", "--precision", "fp32",
+              "--eval-every", "0"]
+    assert main(["train", *common, *recipe, "--max-steps", "1"]) == 0
+    assert main(["train", *common, "--max-steps", "1"]) == 0  # resumes with the saved recipe
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "new run" in log and "resumed" in log and "at step 1/" in log
+    with pytest.raises(ValueError, match="another recipe"):
+        main(["train", *common, "--lr", "0.5", "--max-steps", "1"])
+    assert main(["export", *common, "--out", str(tmp_path / "s.pt")]) == 0
+    assert "step 2/6" in capsys.readouterr().out
+    assert ResNet50Embedder(checkpoint=tmp_path / "s.pt", device="cpu").embed_chips(generated_chips(2)).shape == (2, 128)
