@@ -258,7 +258,7 @@ def prepare_store(
             last_log = now
             rate = done / (now - t0)
             left = "" if total is None else f", eta {(total - n - 1) / max(rate, 1e-9) / 60:.0f} min"
-            log(f"{task.source}: {n + 1}{'' if total is None else '/' + str(total)} photos, "
+            log(f"{n + 1}{'' if total is None else '/' + str(total)} photos ({task.source} now), "
                 f"{store.count} chips in store, {rate:.2f} photos/s{left}")
     return {"photos_processed": done, "photos_already_done": skipped_done, "faces": faces,
             "unreadable": unreadable, "seconds": round(time.monotonic() - t0, 1), "chips_in_store": store.count}
@@ -275,6 +275,20 @@ def default_paths() -> dict[str, Path]:
         "utkface": extra / "utkface" / "data" / "UTKFace" / "unlabeled",
         "webfaces": extra / "webfaces",
     }
+
+
+def interleave(task_lists: dict[str, list[PhotoTask]]) -> list[PhotoTask]:
+    """One list: the held-out eval photos first (the quick eval needs all of them from
+    a run's first step), then every source's photos merged by relative position, so a
+    store that is still growing always holds a similar mix of sources and a training
+    run can start before the preparation ends."""
+    evals = [t for tasks in task_lists.values() for t in tasks if t.split == "eval"]
+    keyed = []
+    for order, tasks in enumerate(task_lists.values()):
+        rest = [t for t in tasks if t.split != "eval"]
+        keyed += [((i + 0.5) / len(rest), order, t) for i, t in enumerate(rest)]
+    keyed.sort(key=lambda k: (k[0], k[1]))
+    return evals + [t for _, _, t in keyed]
 
 
 def iter_tasks(source: str, path: Path, eval_pairs: list[Pair]) -> Iterator[PhotoTask]:

@@ -51,6 +51,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         CHIP_PADDING,
         CHIP_SIZE,
         default_paths,
+        interleave,
         iter_tasks,
         prepare_store,
         quick_eval_pairs,
@@ -77,14 +78,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     eval_pairs = quick_eval_pairs(paths["lfw"], args.eval_pairs_per_fold)
     write_eval_pairs(args.data, eval_pairs)
     log(f"prepare: store {args.data} holds {store.count} chips; sources {args.sources}")
+    lists = {}
     for source in args.sources:
         if not paths[source].exists():
             log(f"{source}: {paths[source]} missing, skipped")
             continue
-        tasks = list(iter_tasks(source, paths[source], eval_pairs))
-        log(f"{source}: {len(tasks)} photos from {paths[source]}")
-        summary = prepare_store(store, iter(tasks), detector, landmarker, teacher, args.min_face, log, len(tasks))
-        log(f"{source}: done {summary}")
+        lists[source] = list(iter_tasks(source, paths[source], eval_pairs))
+        log(f"{source}: {len(lists[source])} photos from {paths[source]}")
+    tasks = interleave(lists)
+    summary = prepare_store(store, iter(tasks), detector, landmarker, teacher, args.min_face, log, len(tasks))
+    log(f"prepare: {summary}")
     log(f"prepare: finished; per source {store.file_counts()}")
     return 0
 
