@@ -238,3 +238,5 @@ def test_cli_trains_resumes_with_a_bare_command_and_exports(tmp_path, capsys):
     assert main(["export", *common, "--out", str(tmp_path / "s.pt")]) == 0
     assert "step 2/6" in capsys.readouterr().out
     assert ResNet50Embedder(checkpoint=tmp_path / "s.pt", device="cpu").embed_chips(generated_chips(2)).shape == (2, 128)
+    assert main(["plot", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "curve.png")]) == 0
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
