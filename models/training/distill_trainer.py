@@ -557,27 +557,16 @@ class DistillRun:
             self.train_seconds += time.monotonic() - t0
             window.append(row)
             if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
-                now = time.monotonic()
-                n = len(window)
-                avg = {k: sum(r.get(k, 0.0) for r in window) / n for k in window[0]}
-                img_s = n * cfg.batch_size / max(now - window_t, 1e-9)
-                eta_h = (self.total_steps - self.step) * cfg.batch_size / img_s / 3600
-                m = {"kind": "train", "step": self.step, "epoch": round(self.sampler.epoch_float(), 4),
-                     "samples": self.step * cfg.batch_size, "img_s": round(img_s, 3), "eta_h": round(eta_h, 2),
-                     **{k: round(v, 6) for k, v in avg.items()}, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                self._metric(m)
-                extra = f" margin {avg['margin']:.4f}" if "margin" in avg else ""
-                self.log(f"step {self.step}/{self.total_steps} epoch {m['epoch']:.3f} loss {avg['loss']:.4f} "
-                         f"(direct {avg['direct']:.4f} relation {avg['relation']:.5f}{extra}) lr {avg['lr']:.2e} "
-                         f"{img_s:.2f} img/s (data {avg['t_data']:.2f} s, teacher {avg['t_teacher']:.2f} s, "
-                         f"student {avg['t_student']:.2f} s per step) ETA {eta_h:.1f} h")
-                window, window_t = [], now
+                self._log_window(window, window_t)
+                window, window_t = [], time.monotonic()
             if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0:
                 self.evaluate()
             if time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes:
                 self.save()
                 last_save = time.monotonic()
                 self.log(f"checkpoint: {self.state_path} at step {self.step}")
+        if window:  # steps since the last progress line (a pause or stop mid-window)
+            self._log_window(window, window_t)
         self.save()
         if self.step >= self.total_steps:
             status = "done"
@@ -587,6 +576,23 @@ class DistillRun:
             self.export(self.run_dir / "final.pt", ema=False)
         self.log(f"{status} at step {self.step}/{self.total_steps}; state {self.state_path}")
         return status
+
+    def _log_window(self, window: list[dict[str, float]], window_t: float) -> None:
+        """One progress line + metrics row: means over the steps since the last one."""
+        cfg = self.cfg
+        n = len(window)
+        avg = {k: sum(r.get(k, 0.0) for r in window) / n for k in window[0]}
+        img_s = n * cfg.batch_size / max(time.monotonic() - window_t, 1e-9)
+        eta_h = (self.total_steps - self.step) * cfg.batch_size / img_s / 3600
+        m = {"kind": "train", "step": self.step, "epoch": round(self.sampler.epoch_float(), 4),
+             "samples": self.step * cfg.batch_size, "steps_in_mean": n, "img_s": round(img_s, 3), "eta_h": round(eta_h, 2),
+             **{k: round(v, 6) for k, v in avg.items()}, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self._metric(m)
+        extra = f" margin {avg['margin']:.4f}" if "margin" in avg else ""
+        self.log(f"step {self.step}/{self.total_steps} epoch {m['epoch']:.3f} loss {avg['loss']:.4f} "
+                 f"(direct {avg['direct']:.4f} relation {avg['relation']:.5f}{extra}) lr {avg['lr']:.2e} "
+                 f"{img_s:.2f} img/s (data {avg['t_data']:.2f} s, teacher {avg['t_teacher']:.2f} s, "
+                 f"student {avg['t_student']:.2f} s per step) ETA {eta_h:.1f} h")
 
     # ------------------------------------------------------------------ export
 
