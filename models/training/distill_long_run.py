@@ -130,7 +130,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _set_threads(cfg.threads)
     run = DistillRun(cfg, log=lambda m: print(m, file=sys.stderr))
     if args.eval:
-        run.evaluate()
+        run.evaluate(record=False)
     path = run.export(args.out, ema=not args.live)
     print(f"wrote {path} ({'EMA' if not args.live else 'live'} weights, step {run.step}/{run.total_steps}, fp16)")
     return 0

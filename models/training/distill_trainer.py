@@ -501,7 +501,9 @@ class DistillRun:
                 "pos_sim": round(float(scores[e["same"]].mean()), 4), "neg_sim": round(float(scores[~e["same"]].mean()), 4),
                 "threshold_all_pairs": round(thr, 5)}
 
-    def evaluate(self) -> dict[str, Any] | None:
+    def evaluate(self, record: bool = True) -> dict[str, Any] | None:
+        """Quick eval of the live and EMA weights; ``record=False`` (an export from
+        another process while the run trains) keeps it out of the run's metrics."""
         if self._eval is None:
             return None
         t0 = time.perf_counter()
@@ -513,7 +515,8 @@ class DistillRun:
         row["eval_s"] = round(time.perf_counter() - t0, 1)
         self.net.train()
         self.evals.append(row)
-        self._metric(row)
+        if record:
+            self._metric(row)
         self.log(f"eval step {self.step} epoch {row['epoch']:.3f}: quick-eval LFW train-identity pairs ({row['pairs']}) "
                  f"acc student {100 * row['student']['acc']:.2f}% / EMA {100 * row['ema']['acc']:.2f}% "
                  f"(teacher {100 * row['teacher']['acc']:.2f}%), AUC {row['student']['auc']:.4f} / {row['ema']['auc']:.4f} "
