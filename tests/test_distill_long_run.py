@@ -240,3 +240,24 @@ def test_cli_trains_resumes_with_a_bare_command_and_exports(tmp_path, capsys):
     assert ResNet50Embedder(checkpoint=tmp_path / "s.pt", device="cpu").embed_chips(generated_chips(2)).shape == (2, 128)
     assert main(["plot", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "curve.png")]) == 0
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_read_only_reader_leaves_a_running_run_alone(tmp_path):
+    """An export while the trainer runs must not touch its files: the trainer's metrics
+    run ahead of its last saved state, and a writer would drop those rows on resume."""
+    import time
+
+    torch.set_num_threads(1)
+    make_store(tmp_path / "store")
+    run = DistillRun(tiny_config(tmp_path / "store", tmp_path / "r", log_every_steps=1))
+    run.train(max_steps=1)  # state saved at step 1
+    run._log_window([run.train_step()], time.monotonic())  # step 2 logged, not saved yet
+    metrics = (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert '"step": 2' in metrics
+    reader = DistillRun(tiny_config(tmp_path / "store", tmp_path / "r", log_every_steps=1), writer=False)
+    assert reader.step == 1
+    reader.evaluate(record=True)
+    reader.export(tmp_path / "x.pt")
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == metrics
+    with pytest.raises(PermissionError):
+        reader.save()

@@ -128,7 +128,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     _set_threads(cfg.threads)
-    run = DistillRun(cfg, log=lambda m: print(m, file=sys.stderr))
+    # read-only: the training process may be writing this run right now
+    run = DistillRun(cfg, log=lambda m: print(m, file=sys.stderr), writer=False)
     if args.eval:
         run.evaluate(record=False)
     path = run.export(args.out, ema=not args.live)

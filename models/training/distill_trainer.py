@@ -236,8 +236,12 @@ def resolve_precision(cfg: DistillConfig, device: torch.device) -> str:
 class DistillRun:
     """One run folder: create it, or resume it, then ``train()`` until done or told to stop."""
 
-    def __init__(self, cfg: DistillConfig, log: LogFn = print, teacher: Any | None = None, device: str = "cpu") -> None:
+    def __init__(self, cfg: DistillConfig, log: LogFn = print, teacher: Any | None = None, device: str = "cpu",
+                 writer: bool = True) -> None:
+        """``writer=False`` opens an existing run read-only (export or eval from another
+        process while the training process runs): its files are left untouched."""
         self.cfg = cfg
+        self.writer = writer
         self.log = log
         self.run_dir = Path(cfg.run)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -297,6 +301,8 @@ class DistillRun:
         """Schedule length, teacher centre and margin classes: decided once per run and
         kept in ``run.json`` so a resumed run (on a grown store) keeps its recipe."""
         path = self.run_dir / "run.json"
+        if not path.is_file() and not self.writer:
+            raise FileNotFoundError(f"{path} missing: no run to read in {self.run_dir}")
         if path.is_file():
             facts = json.loads(path.read_text())
             saved = DistillConfig.from_dict(facts["config"]).to_dict()
@@ -354,6 +360,8 @@ class DistillRun:
                 "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def save(self) -> Path:
+        if not self.writer:
+            raise PermissionError("run opened read-only (writer=False)")
         _atomic_torch_save(self._state(), self.state_path)
         return self.state_path
 
@@ -372,7 +380,8 @@ class DistillRun:
         self.train_seconds = float(s["train_seconds"])
         self.evals = list(s["evals"])
         _set_rng_state(s["rng"])
-        self._truncate_metrics(self.step)
+        if self.writer:
+            self._truncate_metrics(self.step)
         self.log(f"resumed {self.run_dir} at step {self.step}/{self.total_steps} (epoch {self.sampler.epoch_float():.3f}, "
                  f"{self.train_seconds / 3600:.2f} h trained, state from {s['saved']})")
 
@@ -515,7 +524,7 @@ class DistillRun:
         row["eval_s"] = round(time.perf_counter() - t0, 1)
         self.net.train()
         self.evals.append(row)
-        if record:
+        if record and self.writer:
             self._metric(row)
         self.log(f"eval step {self.step} epoch {row['epoch']:.3f}: quick-eval LFW train-identity pairs ({row['pairs']}) "
                  f"acc student {100 * row['student']['acc']:.2f}% / EMA {100 * row['ema']['acc']:.2f}% "
