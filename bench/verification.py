@@ -17,6 +17,8 @@ short side is used instead (LFW-specific fallback; counted and reported). The
 landmark stage and the embedder then see that box, as in the app. Embeddings are
 computed once per image and shared by every pair. ``--flip`` also embeds the mirrored
 face and reports the flip-averaged variant next to the plain one, from the same run.
+``--faces-cache FILE`` keeps each image's chosen face and landmarks (tagged with the
+detector, landmark model and box map), so a second embedder skips detection.
 """
 
 from __future__ import annotations
@@ -98,6 +100,36 @@ def file_sha(path: Path | None) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path and path.is_file() else None
 
 
+def face_to_cache(box: FaceBox, how: str) -> dict:
+    lm = None if box.landmarks is None else np.asarray(box.landmarks, dtype=np.float64).tolist()
+    return {"box": [float(v) for v in box.as_tuple()], "score": float(box.score), "landmarks": lm, "how": how}
+
+
+def face_from_cache(row: dict) -> tuple[FaceBox, str]:
+    lm = None if row["landmarks"] is None else np.asarray(row["landmarks"], dtype=np.float32)
+    return FaceBox(*row["box"], score=row["score"], landmarks=lm), row["how"]
+
+
+def load_faces_cache(path: Path | None, tag: dict) -> dict:
+    """Chosen face + landmarks per image from an earlier run with the same detector,
+    landmark model and box map (the embedder-independent part of the path); {} if none."""
+    if path is None or not path.is_file():
+        return {}
+    doc = json.loads(path.read_text())
+    if doc.get("tag") != tag:
+        raise SystemExit(f"{path} was made with {doc.get('tag')}, this run uses {tag}: delete it or pass another file")
+    return dict(doc["faces"])
+
+
+def save_faces_cache(path: Path | None, tag: dict, faces: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"tag": tag, "faces": faces}))
+    os.replace(tmp, path)
+
+
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, str]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -135,6 +167,9 @@ def main() -> int:
     ap.add_argument("--lfw", type=Path, default=LFW)
     ap.add_argument("--out", type=Path, default=None, help="JSON results")
     ap.add_argument("--roc-png", type=Path, default=None)
+    ap.add_argument("--faces-cache", type=Path, default=None,
+                    help="JSON of each image's chosen face + landmarks: read if it exists, written after the run "
+                    "(keep it outside the repo); lets several embedders share one detection pass")
     ap.add_argument("--scores-out", type=Path, default=None, help="per-pair scores, labels and folds (.npz)")
     args = ap.parse_args()
 
@@ -176,23 +211,32 @@ def main() -> int:
     no_face: list[str] = []
     t_det, t_lm, t_emb, t_flip = [], [], [], []
     t_start = time.time()
+    cache_tag = {"detector": detector.version, "landmarks": None if landmarker is None else landmarker.version,
+                 "box_map_sha256_12": None if landmarker is None else file_sha(box_map)}
+    faces_cache = load_faces_cache(args.faces_cache, cache_tag)
     for n, key in enumerate(keys):
         img = read_rgb(lfw_image_path(args.lfw / "lfw-deepfunneled", *key))
         h, w = img.shape[:2]
         t0 = time.perf_counter()
-        boxes = detector.detect(img)
+        cached = faces_cache.get(f"{key[0]}/{key[1]}")
+        if cached is None:
+            box, how = pick_face(detector.detect(img), w, h)
         t1 = time.perf_counter()
-        box, how = pick_face(boxes, w, h)
+        if cached is None and landmarker is not None:
+            (box,) = landmarker.predict(img, [box])
+        if cached is not None:
+            box, how = face_from_cache(cached)
+        else:
+            faces_cache[f"{key[0]}/{key[1]}"] = face_to_cache(box, how)
         found[how] += 1
         if how == "none":
             no_face.append(f"{key[0]}_{key[1]:04d}")
-        if landmarker is not None:
-            (box,) = landmarker.predict(img, [box])
         t2 = time.perf_counter()
         vecs[key] = embedder.embed(img, [box])[0]
         t3 = time.perf_counter()
-        t_det.append(t1 - t0)
-        t_lm.append(t2 - t1)
+        if cached is None:  # detection/landmark times only when they ran
+            t_det.append(t1 - t0)
+            t_lm.append(t2 - t1)
         t_emb.append(t3 - t2)
         if args.flip:
             mirrored = np.ascontiguousarray(img[:, ::-1])
@@ -202,6 +246,7 @@ def main() -> int:
             el = time.time() - t_start
             print(f"  {n + 1}/{len(keys)} images, {el:.0f} s, eta {el / (n + 1) * (len(keys) - n - 1):.0f} s", flush=True)
 
+    save_faces_cache(args.faces_cache, cache_tag, faces_cache)
     labels = np.array([p.same for p in pairs])
     folds = np.array([p.fold for p in pairs])
     variants = {"plain": vecs}
