@@ -45,7 +45,8 @@ from sqlalchemy import select  # noqa: E402
 
 from bench.lfw_library import DEFAULT_WORK as DEFAULT_LFW_WORK  # noqa: E402
 from bench.lfw_library import LFW, copy_library, identities, photo_faces, photos_of  # noqa: E402
-from models.evaluation.detection import iou_matrix, load_voc_split  # noqa: E402
+from common.boxes import iou_matrix  # noqa: E402
+from models.evaluation.detection import load_voc_split  # noqa: E402
 from models.evaluation.verification import roc_auc  # noqa: E402
 from models.face_quality import FaceQualityModel, quality_features, quality_path  # noqa: E402
 from models.types import FaceBox  # noqa: E402

@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models.detectors.calibration import BoxCalibration, fit_box_calibration  # noqa: E402
-from models.evaluation.detection import iou_matrix  # noqa: E402
+from common.boxes import iou_matrix  # noqa: E402
 from models.detectors.factory import create_detector  # noqa: E402
 from models.landmarks import DEFAULT_BOX_MAP_PATH, LandmarkDetector, from_dlib_rect, to_dlib_rect  # noqa: E402
 

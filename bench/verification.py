@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common.atomic import write_atomically  # noqa: E402
 from models.align import mirror_boxes  # noqa: E402
 from models.detectors.factory import create_detector  # noqa: E402
 from models.embedders.factory import create_embedder  # noqa: E402
@@ -124,10 +125,7 @@ def load_faces_cache(path: Path | None, tag: dict) -> dict:
 def save_faces_cache(path: Path | None, tag: dict, faces: dict) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"tag": tag, "faces": faces}))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps({"tag": tag, "faces": faces}).encode())
 
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, str]], path: Path, title: str) -> None:

@@ -42,7 +42,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.detection import DEFAULT_DATA, read_rgb  # noqa: E402
-from models.evaluation.detection import iou_matrix, load_voc_split  # noqa: E402
+from common.boxes import iou_matrix  # noqa: E402
+from models.evaluation.detection import load_voc_split  # noqa: E402
 
 
 def export_onnx(weights: Path, imgsz: int, out_dir: Path) -> Path:

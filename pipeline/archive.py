@@ -17,7 +17,7 @@ annotation tool:
 
 macOS archive litter (``__MACOSX/``, ``._*``, ``.DS_Store``) is skipped, not refused.
 
-``parse_xml`` parses XML with expat directly and refuses any DOCTYPE, entity
+``parse_xml`` (``common.safe_xml``) parses XML with expat directly and refuses any DOCTYPE, entity
 declaration or external entity reference before it is processed: no XXE, no
 "billion laughs", no network or file access. It builds a tiny tree that remembers the
 line of every element, so errors can name it. (defusedxml would do the same job; it is
@@ -32,11 +32,12 @@ import stat
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from xml.parsers import expat
 
+from common import safe_xml
+from common.safe_xml import MalformedXml, UnsafeXml, XmlNode
 from pipeline.errors import InvalidRequest
 
 
@@ -286,85 +287,16 @@ def open_source(path: Path | str, limits: ArchiveLimits | None = None) -> Datase
     raise InvalidRequest(f"{path} does not exist (give a .zip file or a folder)")
 
 
-# -- XML --------------------------------------------------------------------------------
-@dataclass
-class XmlNode:
-    """An element: tag, attributes, text (stripped) and children, with its line number."""
-
-    tag: str
-    line: int
-    attrs: dict[str, str] = field(default_factory=dict)
-    text: str = ""
-    children: list[XmlNode] = field(default_factory=list)
-
-    def find(self, tag: str) -> XmlNode | None:
-        return next((c for c in self.children if c.tag == tag), None)
-
-    def findall(self, tag: str) -> list[XmlNode]:
-        return [c for c in self.children if c.tag == tag]
-
-    def findtext(self, tag: str, default: str | None = None) -> str | None:
-        child = self.find(tag)
-        return child.text if child is not None else default
-
-
-MAX_XML_DEPTH = 64
-MAX_XML_ELEMENTS = 200_000
-
-
+# -- XML ----------------------------------------------------------------------------------
 def parse_xml(data: bytes, name: str) -> XmlNode:
-    """Parse untrusted XML; UnsafeInput for DTDs/entities, InvalidRequest when malformed."""
-    parser = expat.ParserCreate()
-    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
-    stack: list[XmlNode] = []
-    texts: list[list[str]] = []
-    root: list[XmlNode] = []
-    count = 0
-
-    def refuse(what: str) -> None:
-        raise UnsafeInput(
-            f"{name} line {parser.CurrentLineNumber}: {what} are not allowed in annotation files "
-            "(they can read local files or blow up memory); the file is refused"
-        )
-
-    def start(tag: str, attrs: dict[str, str]) -> None:
-        nonlocal count
-        count += 1
-        if count > MAX_XML_ELEMENTS:
-            raise InvalidRequest(f"{name}: more than {MAX_XML_ELEMENTS} XML elements")
-        if len(stack) >= MAX_XML_DEPTH:
-            raise InvalidRequest(f"{name} line {parser.CurrentLineNumber}: XML nested deeper than {MAX_XML_DEPTH}")
-        node = XmlNode(tag, parser.CurrentLineNumber, dict(attrs))
-        if stack:
-            stack[-1].children.append(node)
-        else:
-            root.append(node)
-        stack.append(node)
-        texts.append([])
-
-    def end(tag: str) -> None:
-        node = stack.pop()
-        node.text = "".join(texts.pop()).strip()
-
-    def chars(text: str) -> None:
-        if texts:
-            texts[-1].append(text)
-
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    parser.CharacterDataHandler = chars
-    parser.StartDoctypeDeclHandler = lambda *a: refuse("DOCTYPE declarations")
-    parser.EntityDeclHandler = lambda *a: refuse("entity declarations")
-    parser.ExternalEntityRefHandler = lambda *a: refuse("external entities")  # type: ignore[assignment]
+    """``common.safe_xml.parse_xml`` with FaceLab's errors: UnsafeInput for DTDs/entities,
+    InvalidRequest when malformed."""
     try:
-        parser.Parse(data, True)
-    except expat.ExpatError as exc:
-        raise InvalidRequest(
-            f"{name} line {exc.lineno}: malformed XML ({expat.errors.messages[exc.code]})"
-        ) from None
-    if not root:
-        raise InvalidRequest(f"{name}: no XML element found")
-    return root[0]
+        return safe_xml.parse_xml(data, name)
+    except UnsafeXml as exc:
+        raise UnsafeInput(str(exc)) from None
+    except MalformedXml as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 def posix_parent(name: str) -> str:

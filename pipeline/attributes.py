@@ -20,7 +20,7 @@ from models.attributes.analyzer import FaceAttributes
 from models.attributes.emotion_net import EMOTIONS
 from models.types import FaceBox
 from pipeline.context import Lab
-from pipeline.embed import faces_by_photo, stored_boxes
+from pipeline.embed import stored_faces_by_photo
 from pipeline.errors import InvalidRequest
 from storage.orm import Face, FaceAttributes as AttributeRow, Identity
 
@@ -102,11 +102,10 @@ def compute_attributes(lab: Lab, face_ids: Sequence[int], progress: Progress | N
     version = attribute_version(lab)
     if version is None or not face_ids:
         return 0
-    by_photo = faces_by_photo(lab, face_ids)
-    total, done, written = sum(len(f) for f in by_photo.values()), 0, 0
-    for n, (sha, faces) in enumerate(by_photo.items()):
-        attrs = lab.attributes.predict(lab.images.open(sha), stored_boxes(faces))
-        ids = [f.id for f in faces]
+    done, written = 0, 0
+    for photo in stored_faces_by_photo(lab, face_ids):
+        attrs = lab.attributes.predict(photo.image, photo.boxes)
+        ids = photo.ids
         with lab.write_lock, lab.session() as session:
             have = set(session.scalars(select(AttributeRow.face_id).where(
                 AttributeRow.face_id.in_(ids), AttributeRow.model_version == version)).all())
@@ -116,7 +115,7 @@ def compute_attributes(lab: Lab, face_ids: Sequence[int], progress: Progress | N
         written += len(keep)
         done += len(ids)
         if progress:
-            progress((n + 1) / len(by_photo), f"Face attributes: {done} of {total} face(s)")
+            progress((photo.index + 1) / photo.photos, f"Face attributes: {done} of {photo.total} face(s)")
     return written
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from pipeline import auth
 from pipeline.context import Lab
 from pipeline.errors import NotFound
-from pipeline.files import write_atomically
+from common.atomic import write_atomically
 
 #: an unsent export is deleted this long after it was made
 TTL_S = 15 * 60

@@ -7,7 +7,8 @@ and landmarks are reused, so a face embeds exactly as it did at ingest.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,16 +58,44 @@ def stored_boxes(faces: Sequence[Any]) -> list[FaceBox]:
                     np.asarray(f.landmarks, np.float32) if f.landmarks is not None else None) for f in faces]
 
 
+@dataclass(frozen=True)
+class PhotoFaces:
+    """One stored photo's faces, as the per-photo loops below see them."""
+
+    #: position of this photo among all photos of the loop (0-based) and their number
+    index: int
+    photos: int
+    #: faces done before this photo, and all faces of the loop
+    done_before: int
+    total: int
+    ids: list[int]
+    image: np.ndarray
+    boxes: list[FaceBox]
+
+
+def stored_faces_by_photo(lab: Lab, face_ids: Sequence[int], with_landmarks: bool = False) -> Iterator[PhotoFaces]:
+    """The loop every "run a model over stored faces" job shares (re-embedding, a candidate
+    embedder, face attributes): each photo read from the store once, its faces' stored
+    boxes and landmarks (missing landmarks computed as at ingest with ``with_landmarks``)."""
+    by_photo = faces_by_photo(lab, face_ids)
+    total = sum(len(faces) for faces in by_photo.values())
+    done = 0
+    for n, (sha, faces) in enumerate(by_photo.items()):
+        image = lab.images.open(sha)
+        boxes = stored_boxes(faces)
+        if with_landmarks and any(b.landmarks is None for b in boxes):
+            boxes = lab.landmarker.predict(image, boxes, only_missing=True)
+        yield PhotoFaces(n, len(by_photo), done, total, [f.id for f in faces], image, boxes)
+        done += len(faces)
+
+
 def embed_faces(lab: Lab, face_ids: Sequence[int], progress: Progress | None = None) -> int:
     """Embed the given faces with the active embedder and add them to its index."""
     version = lab.model_version
-    by_image = faces_by_photo(lab, face_ids)
-    total = sum(len(faces) for faces in by_image.values())
     done = 0
-    for n, (sha, faces) in enumerate(by_image.items()):
-        image = lab.images.open(sha)
-        vectors = lab.embedder.embed(image, stored_boxes(faces))
-        ids = [f.id for f in faces]
+    for photo in stored_faces_by_photo(lab, face_ids):
+        vectors = lab.embedder.embed(photo.image, photo.boxes)
+        ids = photo.ids
         with lab.write_lock:
             with lab.session() as session:
                 existing = set(session.scalars(
@@ -85,7 +114,7 @@ def embed_faces(lab: Lab, face_ids: Sequence[int], progress: Progress | None = N
                               np.asarray([row.id for _, row in added], np.int64), keep_newer=True)
         done += len(ids)
         if progress:
-            progress((n + 1) / len(by_image), f"Embedded {done} of {total} face(s)")
+            progress((photo.index + 1) / photo.photos, f"Embedded {done} of {photo.total} face(s)")
     with lab.index_for_update() as index:
         index.save()
     return done

@@ -54,9 +54,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Callable
@@ -66,6 +64,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from common.atomic import write_atomically
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest
 from storage.orm import Face, Identity, Image, ImageStatus, ReviewStatus
@@ -197,16 +196,11 @@ def export_dataset(
     if not images:
         raise InvalidRequest("Nothing to export: no images match." if selection == "all" else
                              "Nothing to export: no face has been accepted by a person yet.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    def write_zip(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             _write(lab, zf, fmt, selection, images, progress)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomically(out, write_zip)
     faces = sum(len(i.faces) for i in images)
     named = sum(1 for i in images for f in i.faces if f.name)
     if progress:

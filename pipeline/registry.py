@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -47,6 +45,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
+from common.atomic import write_atomically
 from models.detectors.base import FaceDetector
 from models.detectors.factory import create_detector
 from models.embedders.base import FaceEmbedder
@@ -54,7 +53,7 @@ from models.embedders.factory import create_embedder
 from models.model_files import UntrustedModelFile
 from models.weights_locator import file_sha256
 from pipeline.context import Lab
-from pipeline.embed import faces_by_photo, faces_without, stored_boxes
+from pipeline.embed import faces_without, stored_faces_by_photo
 from pipeline.errors import FaceLabError, InvalidRequest, NotFound
 from pipeline.evaluate import cpu_threads
 from storage.faiss_index import FaceIndex
@@ -92,20 +91,8 @@ def runs_root(lab: Lab) -> Path:
 
 def write_json(path: Path | str, obj: Any) -> Path:
     """Write JSON atomically (temp file + fsync + rename): readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            os.fchmod(fh.fileno(), 0o644)  # mkstemp's 0600 would hide it from other readers
-            json.dump(obj, fh, indent=1, default=_json_default)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    text = json.dumps(obj, indent=1, default=_json_default).encode()
+    return write_atomically(Path(path), text, durable=True)
 
 
 def read_json(path: Path | str) -> Any | None:
@@ -322,18 +309,12 @@ def embed_faces_with(
     from the database afterwards. Committed per image, so a cancel keeps the work done.
     """
     version = embedder.version
-    by_image = faces_by_photo(lab, face_ids)
-    total = sum(len(faces) for faces in by_image.values())
     done = 0
-    for n, (sha, faces) in enumerate(by_image.items()):
+    for photo in stored_faces_by_photo(lab, face_ids, with_landmarks=True):
         if should_stop is not None and should_stop():
-            raise PromotionStopped(f"Stopped after embedding {done} of {total} face(s); nothing was switched.")
-        image = lab.images.open(sha)
-        boxes = stored_boxes(faces)
-        if any(b.landmarks is None for b in boxes):
-            boxes = lab.landmarker.predict(image, boxes, only_missing=True)
-        vectors = embedder.embed(image, boxes)
-        ids = [f.id for f in faces]
+            raise PromotionStopped(f"Stopped after embedding {done} of {photo.total} face(s); nothing was switched.")
+        vectors = embedder.embed(photo.image, photo.boxes)
+        ids = photo.ids
         with lab.session() as session:
             existing = set(session.scalars(
                 select(Embedding.face_id).where(Embedding.face_id.in_(ids), Embedding.model_version == version)
@@ -344,7 +325,7 @@ def embed_faces_with(
                     session.add(Embedding.from_array(face_id, version, vec))
         done += len(ids)
         if progress is not None:
-            progress((n + 1) / len(by_image), f"Embedded {done} of {total} face(s) with {version}")
+            progress((photo.index + 1) / photo.photos, f"Embedded {done} of {photo.total} face(s) with {version}")
     return done
 
 

@@ -41,8 +41,9 @@ from sqlalchemy import func, select
 
 from pipeline import labeling
 from pipeline.context import Lab
+from common.boxes import iou
 from pipeline.errors import Conflict, InvalidRequest
-from pipeline.files import write_atomically
+from common.atomic import write_atomically
 from pipeline.labeling import BoxEdit, LabelState, QueueFilter
 from pipeline.views import md
 from storage.orm import HUMAN_ORIGIN, Face, Identity, ImageStatus
@@ -543,7 +544,7 @@ def parse_boxes(value: dict | None, current: dict) -> list[BoxEdit]:
             for fid, info in known.items():
                 if fid in claimed:
                     continue
-                overlap = _iou(coords, info["box"])
+                overlap = iou(coords, info["box"])
                 if overlap >= best_iou:
                     best, best_iou = fid, overlap
             if best is not None:
@@ -678,14 +679,6 @@ def face_arg(value: object) -> int | None:
 def _moved(old: Sequence[float], new: Sequence[float]) -> bool:
     """Moved as a save would count it (labeling.MOVE_TOLERANCE pixels on any side)."""
     return any(abs(a - b) > labeling.MOVE_TOLERANCE for a, b in zip(old, new, strict=True))
-
-
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 __all__ = [

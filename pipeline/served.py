@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from pipeline.context import Lab
-from pipeline.files import write_atomically
+from common.atomic import write_atomically
 
 FOLDER_NAME = "facelab-served"
 QUALITY = 90

@@ -67,7 +67,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 import threading
 import time
 import uuid
@@ -81,6 +80,8 @@ from typing import Any
 
 import faiss
 import numpy as np
+
+from common.atomic import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -165,31 +166,9 @@ def _slug(model_version: str) -> str:
     return f"{safe}-{hashlib.sha256(model_version.encode()).hexdigest()[:8]}"
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via ``write(tmp_path)`` to a temp file next to ``path``, fsync, os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Durable atomic write (common.atomic); a module-level name so fault tests can wrap it."""
+    write_atomically(path, write, durable=True)
 
 
 def _append(path: Path, data: bytes) -> None:

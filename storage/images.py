@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.atomic import fsync_dir
 from storage.image_decode import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -57,20 +58,6 @@ def _check_sha(sha256: str) -> str:
     if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256):
         raise ValueError(f"not a sha256 hex digest: {sha256!r}")
     return sha256
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename/link in ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class ImageStore:
@@ -142,7 +129,7 @@ class ImageStore:
                 if final.exists():
                     return False
                 os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             return True
         finally:
             tmp.unlink(missing_ok=True)

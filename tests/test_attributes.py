@@ -15,7 +15,7 @@ from PIL import Image as PILImage
 from skimage import data as skdata
 from sqlalchemy import select
 
-from models.align import chip_details_for, extract_chip
+from models.align import chip_details_for
 from models.attributes.analyzer import AGE_GENDER_WEIGHTS, EMOTION_WEIGHTS, FaceAttributeModel
 from models.attributes.emotion_net import EMOTIONS
 from models.attributes.framing import Framing, frame_of, to_grey

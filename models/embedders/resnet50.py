@@ -13,8 +13,6 @@ weights: a missing file raises ``WeightsNotFoundError`` saying how to train one.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.atomic import write_atomically
 from models.embedders.base import FaceEmbedder
 from models.errors import ModelInputError, WeightsNotFoundError
 from models.model_files import verify_sha256
@@ -147,15 +146,7 @@ def save_checkpoint(net: nn.Module | dict[str, torch.Tensor], meta: dict[str, An
     source = net.state_dict() if isinstance(net, nn.Module) else net
     state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu() for k, v in source.items()}
     payload = {"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": dict(meta)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

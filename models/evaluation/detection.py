@@ -24,12 +24,14 @@ Conventions (they change small-face numbers, so they are spelled out):
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from common.boxes import iou_matrix
+from common.safe_xml import parse_xml_file
 
 from models.types import FaceBox
 
@@ -59,7 +61,7 @@ class VocAnnotation:
 def parse_voc_xml(path: Path | str) -> VocAnnotation:
     """Read one VOC XML file; see the module docstring for the coordinate mapping."""
     path = Path(path)
-    root = ET.parse(path).getroot()
+    root = parse_xml_file(path)  # hardened: no DTDs or entities, capped depth and size
     size = root.find("size")
     width = int(float(size.findtext("width", "0"))) if size is not None else 0
     height = int(float(size.findtext("height", "0"))) if size is not None else 0
@@ -104,20 +106,6 @@ def boxes_array(boxes: Sequence[FaceBox] | np.ndarray) -> np.ndarray:
     if isinstance(boxes, np.ndarray):
         return boxes.astype(np.float64, copy=False).reshape(-1, 4)
     return np.asarray([b.as_tuple() for b in boxes], dtype=np.float64).reshape(-1, 4)
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of (N, 4) and (M, 4) x1y1x2y2 boxes -> (N, M)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = iw * ih
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
 
 
 def match_greedy(

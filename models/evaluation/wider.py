@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.evaluation.detection import average_precision, iou_matrix
+from common.boxes import iou_matrix
+from models.evaluation.detection import average_precision
 
 SETTINGS: tuple[str, ...] = ("easy", "medium", "hard")
 THRESH_NUM = 1000

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.atomic import save_torch_atomically
 from models.attributes.age_gender_net import AGE_BINS, AgeGenderNet, expected_age
 from models.training.utk_data import CUT_OP, load_prepared, utk_split
 
@@ -111,9 +112,7 @@ def metrics(age_pred: np.ndarray, p_female: np.ndarray, age: np.ndarray, gender:
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    save_torch_atomically(obj, path)
 
 
 def train(prepared: Path, out: Path, cfg: AgeGenderTrainConfig) -> dict:

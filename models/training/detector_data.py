@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.evaluation.detection import iou_matrix
+from common.boxes import iou_matrix
 
 Detections = dict[str, tuple[np.ndarray, np.ndarray]]  # image path -> (boxes x1y1x2y2, scores)
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -55,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.atomic import save_torch_atomically
 from models.cpu_features import cpu_native_bf16
 from models.embedders.resnet50 import ResNet50EmbeddingNet, chips_to_tensor, save_checkpoint
 from models.evaluation.verification import best_threshold, kfold_accuracy, roc_auc
@@ -213,13 +213,7 @@ def _set_rng_state(s: dict[str, Any]) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    if path.exists():
-        os.replace(path, path.with_name(path.stem + ".prev" + path.suffix))
-    os.replace(tmp, path)
+    save_torch_atomically(obj, path, keep_previous=True)
 
 
 def resolve_precision(cfg: DistillConfig, device: torch.device) -> str:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.atomic import save_torch_atomically
 from models.attributes.emotion_net import EMOTIONS, FRAME_SIZE, INPUT_SIZE, EmotionNet, predict_proba, standardise
 from models.training.fer_data import load_fer_split, stratified_split
 
@@ -123,9 +124,7 @@ def _param_groups(net: EmotionNet, weight_decay: float) -> list[dict]:
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    save_torch_atomically(obj, path)
 
 
 def export_weights(checkpoint: Path | str, out: Path | str, extra_meta: dict | None = None) -> Path:

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from common.atomic import write_atomically
+
 STORE_FORMAT = "facelab-chip-store/1"
 
 
@@ -136,9 +138,7 @@ class ChipStore:
         rows = list(_read_jsonl(path))
         kept = [r for r in rows if int(r["i"]) < count]
         if len(kept) != len(rows):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, path)
+            write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     # ------------------------------------------------------------------ reading
 

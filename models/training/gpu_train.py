@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.atomic import write_atomically
+
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
 PAYLOAD = REPO / "gpu_payload"
@@ -68,10 +70,7 @@ def join_parts(src: Path, name: str, dest: Path) -> Path:
         raise ValueError(f"{name}: sha256 {actual} != {expected} (a part is missing or damaged)")
     dest.mkdir(parents=True, exist_ok=True)
     out = dest / name
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
-    return out
+    return write_atomically(out, data)
 
 
 # ----------------------------------------------------------------------------- CPU side

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from common.atomic import save_torch_atomically
 from models.training.detector_trainer import prepare_ultralytics_env
 
 
@@ -193,10 +194,7 @@ def export_checkpoint(ema_model, path: Path, meta: dict) -> Path:
     m.args = args
     ckpt = {"model": m, "ema": None, "train_args": args, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "facelab": meta, "epoch": -1, "optimizer": None}
-    tmp = path.with_suffix(".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_torch_atomically(ckpt, path)
 
 
 def read_labels(label_file: Path, width: int, height: int) -> np.ndarray:
@@ -288,14 +286,11 @@ class LongRun:
         return self.run / "state.pt"
 
     def save_state(self) -> None:
-        import torch
 
         self.state["ema_updates"] = self.ema.updates
         blob = {"model": self.model.state_dict(), "ema": self.ema.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "state": self.state}
-        tmp = self.state_path().with_suffix(".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, self.state_path())
+        save_torch_atomically(blob, self.state_path())
         (self.run / "history.json").write_text(json.dumps(self.state["history"], indent=1))
 
     def try_resume(self) -> bool:

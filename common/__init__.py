@@ -1,0 +1,3 @@
+"""Small helpers with no FaceLab dependencies, shared by ``models``, ``storage`` and
+``pipeline`` (which must not import each other): atomic file writes, box overlap and a
+hardened XML parser."""
