@@ -125,7 +125,7 @@ def _settings(args: argparse.Namespace):
 def _open_lab(settings):  # noqa: ANN001, ANN202 - lazy imports keep --help fast
     """Open the library with the models promoted in the Train tab (they win over defaults)."""
     from pipeline.context import Lab
-    from pipeline.registry import apply_active_models
+    from pipeline.training.registry import apply_active_models
 
     lab = Lab.open(settings)
     for line in apply_active_models(lab):
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     # Gradio's uploads and served pictures are faces too: keep them in the data folder,
-    # where privacy deletes look (pipeline.privacy). Gradio reads this when it is imported.
+    # where privacy deletes look (pipeline.library.privacy). Gradio reads this when it is imported.
     os.environ["GRADIO_TEMP_DIR"] = str(settings.ui_cache_dir.resolve())
     from pipeline.context import Lab
 
@@ -171,33 +171,33 @@ def _run(args: argparse.Namespace) -> int:
             return check_command(lab, repair=args.repair)
 
     if args.command == "export":
-        from pipeline.export import export_command
+        from pipeline.cli import export_command
 
         with _open_lab(settings) as lab:
             return export_command(lab, args.format, args.out, "reviewed" if args.reviewed else "all")
     if args.command == "import":
-        from pipeline.import_data import import_command
+        from pipeline.cli import import_command
 
         with _open_lab(settings) as lab:
             return import_command(lab, args.source, args.format)
 
     if args.command == "users":
-        from pipeline.auth import users_command
+        from pipeline.cli import users_command
 
         with Lab.open(settings) as lab:
             return users_command(lab, args.action, args.name, args.role, args.password_stdin)
 
     if args.command in ("train", "models"):
-        from pipeline.registry import apply_active_models
-        from pipeline.training import cli_command
+        from pipeline.cli import train_or_models_command
+        from pipeline.training.registry import apply_active_models
 
         with Lab.open(settings) as lab:
             apply_active_models(lab)
-            return cli_command(lab, args)
+            return train_or_models_command(lab, args)
 
     from pipeline.auth import LaunchRefused, check_bind, users_configured
     from pipeline.cli import attributes_missing_command, embed_missing_command
-    from pipeline.registry import apply_active_models
+    from pipeline.training.registry import apply_active_models
     from webapp.ui import launch
 
     with Lab.open(settings) as lab:

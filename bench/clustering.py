@@ -8,7 +8,7 @@ The faces are each photo's primary face, as stored by the app's own ingest
 never used for a choice; ``train``: where the default threshold was chosen). Nobody is
 named, so every face is an unknown face, as in the Data tab's "Find groups".
 
-* ``after``: ``pipeline.clustering.cluster_faces`` as the app runs it (average linkage;
+* ``after``: ``pipeline.library.clustering.cluster_faces`` as the app runs it (average linkage;
   groups smaller than ``min_faces`` are left out), at its default threshold
   (``default_threshold``).
 * ``before``: the previous algorithm, kept here only as the baseline: DBSCAN-style
@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.lfw_library import DEFAULT_WORK, LFW, ensure_ingested, identities, photo_faces, photos_of  # noqa: E402
-from pipeline.clustering import (  # noqa: E402
+from pipeline.library.clustering import (  # noqa: E402
     DEFAULT_MAX_NEIGHBOURS,
     DEFAULT_MIN_FACES,
     _neighbours,
@@ -52,7 +52,7 @@ from pipeline.settings import Settings  # noqa: E402
 
 
 def dbscan_groups(ids: np.ndarray, neighbours: list[list[tuple[int, float]]], min_faces: int) -> list[list[int]]:
-    """The previous algorithm (pipeline/clustering.py before average linkage), verbatim in
+    """The previous algorithm (pipeline/library/clustering.py before average linkage), verbatim in
     effect: core faces joined through single links, borders attached, noise dropped."""
     position = {int(f): i for i, f in enumerate(ids)}
     core = [len(n) + 1 >= min_faces for n in neighbours]

@@ -51,7 +51,7 @@ from models.evaluation.verification import roc_auc  # noqa: E402
 from models.face_quality import FaceQualityModel, quality_features, quality_path  # noqa: E402
 from models.types import FaceBox  # noqa: E402
 from pipeline.context import Lab  # noqa: E402
-from pipeline.ingest import Upload, ingest  # noqa: E402
+from pipeline.library.ingest import Upload, ingest  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from storage.orm import Embedding, Face, Image  # noqa: E402
 

@@ -10,9 +10,9 @@ every photo of the other half (strangers to that gallery), the similarity that o
 ``--far`` of strangers' best matches reach. That curve, threshold(M), is what
 ``models.open_set.OpenSetCalibration`` interpolates at run time.
 
-Faces are what the app stores: the photos are ingested through ``pipeline.ingest`` into
+Faces are what the app stores: the photos are ingested through ``pipeline.library.ingest`` into
 the ``--work`` data folder (``bench/lfw_library.py``; reused between runs), and each
-photo's face is its *primary* face (``pipeline.identify.primary_face``: boxes below the
+photo's face is its *primary* face (``pipeline.library.identify.primary_face``: boxes below the
 face-quality gate never enter a gallery). No test identity is read.
 """
 

@@ -4,11 +4,11 @@ them and of strangers, and count who is named.
     python bench/identification.py [--split test] [--work DIR] [--galleries 100 1000 all]
         [--enrolled 1 2] [--modes before after] [--out docs/results/identification.json]
 
-Everything goes through the app's own code: photos are ingested by ``pipeline.ingest``
+Everything goes through the app's own code: photos are ingested by ``pipeline.library.ingest``
 (detector, landmarks, embedder, database, FAISS index) into a data folder
 (``bench/lfw_library.py``, kept between runs); each protocol runs on a copy of it, where
-gallery faces are named with ``pipeline.identities.enroll`` and every probe photo is
-searched with ``pipeline.search.search_face`` (the photo's face as stored at ingest; a
+gallery faces are named with ``pipeline.library.identities.enroll`` and every probe photo is
+searched with ``pipeline.library.search.search_face`` (the photo's face as stored at ingest; a
 sample is also searched with ``search_image`` on the photo's bytes, which must give the
 same answers). The decision counted is the app's: ``SearchResult.best_person``.
 
@@ -65,8 +65,8 @@ from bench.lfw_library import (  # noqa: E402
     photos_of,
 )
 from pipeline.context import Lab  # noqa: E402
-from pipeline.identities import enroll  # noqa: E402
-from pipeline.search import search_face, search_image  # noqa: E402
+from pipeline.library.identities import enroll  # noqa: E402
+from pipeline.library.search import search_face, search_image  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 
 BEFORE_THRESHOLD = 0.91345

@@ -5,7 +5,7 @@
 Two measurements in one process:
 
 * ``dedupe``: deduplicating ``--boxes`` boxes on one image (5 % of them given twice,
-  nudged by 0.25 px) with ``pipeline.import_data.BoxDeduper`` and, as the baseline, with
+  nudged by 0.25 px) with ``pipeline.datasets.import_data.BoxDeduper`` and, as the baseline, with
   the scan it replaced (each new box compared with every box kept so far, exactly the
   old ``_plan`` loop). Seconds and comparisons, best of ``--repeats`` (the scan: once).
 * ``plan``: the import's whole planning step on a real COCO zip with that image (parse,
@@ -28,10 +28,10 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.archive import open_source  # noqa: E402
+from pipeline.datasets.archive import open_source  # noqa: E402
 from pipeline.context import Lab  # noqa: E402
-from pipeline.dataset_readers import read_dataset  # noqa: E402
-from pipeline.import_data import SAME_BOX_PX, BoxDeduper, _check_images, _plan  # noqa: E402
+from pipeline.datasets.readers import read_dataset  # noqa: E402
+from pipeline.datasets.import_data import SAME_BOX_PX, BoxDeduper, _check_images, _plan  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 
 

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from sqlalchemy import delete, func, insert, select  # noqa: E402
 
 from pipeline.context import Lab  # noqa: E402
-from pipeline.search import search_face  # noqa: E402
+from pipeline.library.search import search_face  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from storage.embedding_rows import embedding_stamp  # noqa: E402
 from storage.faiss_index import FaceIndex  # noqa: E402

@@ -24,8 +24,8 @@ if str(ROOT) not in sys.path:
 from sqlalchemy import select  # noqa: E402
 
 from pipeline.context import Lab  # noqa: E402
-from pipeline.identify import face_quality, passes_gate, primary_face  # noqa: E402
-from pipeline.ingest import Upload, ingest  # noqa: E402
+from pipeline.library.identify import face_quality, passes_gate, primary_face  # noqa: E402
+from pipeline.library.ingest import Upload, ingest  # noqa: E402
 from storage.orm import Embedding, Face, Image  # noqa: E402
 
 LFW = ROOT.parent / "shared" / "data" / "lfw"
@@ -67,7 +67,7 @@ class PhotoFaces:
     searchable: list[bool]
 
     def primary(self) -> int | None:
-        """The app's primary face (``pipeline.identify.primary_face``)."""
+        """The app's primary face (``pipeline.library.identify.primary_face``)."""
         return primary_face(self.boxes, self.width, self.height, self.searchable)
 
     def most_confident(self) -> int | None:

@@ -117,7 +117,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def run(clients: int, seconds: float, database_url: str = "") -> dict:
-    from pipeline.consistency import check
+    from pipeline.library.consistency import check
     from pipeline.context import Lab
     from pipeline.settings import Settings
     from storage.orm import Face

@@ -15,7 +15,7 @@ file rewritten, fsynced and hashed), exact flat search (``IndexPolicy(hnsw_above
 the change check as COUNT/MAX/SUM over all embeddings (``embedding_stamp_scan``) and the
 enrolled gallery read on every search.
 
-* ingest: photos/s through ``pipeline.ingest`` (decode, store, detect, landmarks, embed,
+* ingest: photos/s through ``pipeline.library.ingest`` (decode, store, detect, landmarks, embed,
   database, index, suggestions) on face_mask val photos, batches of ``Settings.batch_size``.
 * embed: faces/s of the embedding step alone on those photos' faces.
 * index: p50/p99 per single query on one thread, recall@10 against exact search, on
@@ -88,16 +88,16 @@ def _photos(n: int) -> list[tuple[str, bytes]]:
 
 
 def old_ingest(lab, uploads) -> list:  # noqa: ANN001
-    """Ingest as before #18 (pipeline/ingest.py at dc63150^): the models inside the write
+    """Ingest as before #18 (pipeline/library/ingest.py at dc63150^): the models inside the write
     lock; per photo one embed call (numpy aligner: ``lab.embedder`` is built with
     ``fast_align=False`` by the caller), one transaction and one suggestion search; per
     batch the whole index file rewritten (``save(checkpoint=True)``: write, fsync, sha256)."""
     from sqlalchemy import select
 
-    from pipeline.identify import face_quality, passes_gate
-    from pipeline.ingest import _face_info, _new_face
+    from pipeline.library.identify import face_quality, passes_gate
+    from pipeline.library.ingest import _face_info, _new_face
     from pipeline.results import FileResult
-    from pipeline.suggest import suggest_people
+    from pipeline.library.suggest import suggest_people
     from storage.images import decode_upload
     from storage.orm import Embedding, Image
 
@@ -192,7 +192,7 @@ def policy(flat: bool):  # noqa: ANN201
 
 
 def bench_ingest(n: int, settings_kwargs: dict) -> dict:
-    from pipeline.ingest import Upload, ingest
+    from pipeline.library.ingest import Upload, ingest
     from storage.images import decode_upload
 
     photos = _photos(n)
@@ -331,7 +331,7 @@ def synthetic_library(lab, size: int, enrolled: int = 1000, seed: int = 1) -> No
 
 
 def bench_e2e_search(size: int, queries: int, settings_kwargs: dict) -> dict:
-    from pipeline.search import search_image
+    from pipeline.library.search import search_image
 
     buf = io.BytesIO()
     PILImage.fromarray(skdata.astronaut()).save(buf, format="JPEG", quality=90)
@@ -369,7 +369,7 @@ def bench_e2e_search(size: int, queries: int, settings_kwargs: dict) -> dict:
 def bench_costs(size: int, settings_kwargs: dict, reps: int = 10) -> dict:
     """The steps whose cost grew with the library, old way and new way, at ``size`` faces."""
     from pipeline.results import FaceInfo
-    from pipeline.suggest import enrolled_gallery, suggest_people
+    from pipeline.library.suggest import enrolled_gallery, suggest_people
     from storage.embedding_rows import embedding_stamp, embedding_stamp_scan
 
     out: dict = {"size": size}

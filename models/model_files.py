@@ -8,7 +8,7 @@ runs whatever code its author put in it. FaceLab therefore only ever loads:
   ultralytics ships (``ARCHITECTURES``); it is built with random weights, nothing is read
   from disk but ultralytics' own package;
 * a **checkpoint whose sha256 was recorded** when FaceLab registered it (its model
-  registry, ``pipeline.registry``): ``verify_sha256`` before the load, so a file swapped
+  registry, ``pipeline.training.registry``): ``verify_sha256`` before the load, so a file swapped
   or planted afterwards is refused, never unpickled;
 * a path **given by the machine's owner** (``--detector yolo:PATH``, ``train --model
   PATH`` on the command line, ``FACELAB_DETECTOR``): trusted as the owner's own file,

@@ -9,7 +9,6 @@ the package lives (``find_spec`` does not execute it) and look for the file ther
 from __future__ import annotations
 
 import hashlib
-
 import importlib.metadata
 import importlib.util
 from pathlib import Path

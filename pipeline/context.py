@@ -42,11 +42,11 @@ import numpy as np
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.attributes.analyzer import FaceAttributeModel
 from models.detectors.base import FaceDetector
 from models.detectors.factory import create_detector
 from models.embedders.base import FaceEmbedder
 from models.embedders.factory import create_embedder
-from models.attributes.analyzer import FaceAttributeModel
 from models.face_quality import FaceQualityModel, load_quality_model
 from models.landmarks import LandmarkDetector
 from models.open_set import OpenSetCalibration, load_calibration
@@ -75,11 +75,11 @@ class Lab:
     #: per embedder version: its face-quality model and 1:N calibration (None: none fitted)
     _quality_models: dict[str, FaceQualityModel | None] = field(default_factory=dict, repr=False)
     _calibrations: dict[str, OpenSetCalibration | None] = field(default_factory=dict, repr=False)
-    #: (key, pipeline.suggest.Gallery) of the last search: see enrolled_gallery
+    #: (key, pipeline.library.suggest.Gallery) of the last search: see enrolled_gallery
     _gallery_cache: tuple | None = field(default=None, repr=False)
     #: per embedder version, with Settings.vector_backend "pgvector"
     _pg_indexes: dict = field(default_factory=dict, repr=False)
-    #: emotion/age/gender (pipeline.attributes); None when switched off in the settings
+    #: emotion/age/gender (pipeline.library.attributes); None when switched off in the settings
     attributes: FaceAttributeModel | None = None
 
     @classmethod

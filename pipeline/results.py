@@ -132,7 +132,7 @@ class SearchResult:
     primary: int | None = None
     #: enrolled faces the query was compared with
     gallery_faces: int = 0
-    #: how the threshold was set (pipeline.identify.DecisionRule.describe)
+    #: how the threshold was set (pipeline.library.identify.DecisionRule.describe)
     rule: str = ""
 
     @property

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from pipeline.context import Lab
 from common.atomic import write_atomically
+from pipeline.context import Lab
 
 FOLDER_NAME = "facelab-served"
 QUALITY = 90

@@ -241,3 +241,21 @@ def huge_png(width: int = 13000, height: int = 13000) -> bytes:
     parts += [packer.compress(bytes(1 + width) * (height % rows_per_block)), packer.flush()]
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+#: fixtures that start ``python app.py`` in a subprocess (tens of seconds each on 2 cores)
+APP_FIXTURES = {"app_server", "app_url", "secured_app", "app"}
+#: Playwright fixtures: the test drives Chromium
+BROWSER_FIXTURES = {"browser", "page"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tiers: ``pytest -m "not slow and not browser"`` is the fast tier (README,
+    Contributing). A test is ``browser`` when it drives Chromium and ``slow`` when it
+    starts the app in a subprocess; modules and tests can also say so themselves."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & BROWSER_FIXTURES:
+            item.add_marker(pytest.mark.browser)
+        if used & APP_FIXTURES:
+            item.add_marker(pytest.mark.slow)

@@ -20,11 +20,12 @@ from models.attributes.analyzer import AGE_GENDER_WEIGHTS, EMOTION_WEIGHTS, Face
 from models.attributes.emotion_net import EMOTIONS
 from models.attributes.framing import Framing, frame_of, to_grey
 from models.types import FaceBox
-from pipeline import attributes, views
+from pipeline.library import attributes
+from webapp import views
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest, NotFound
-from pipeline.export import export_dataset
-from pipeline.ingest import Upload, ingest
+from pipeline.datasets.export import export_dataset
+from pipeline.library.ingest import Upload, ingest
 from pipeline.settings import Settings
 from storage.orm import Face, FaceAttributes
 from tests.conftest import DatabaseFactory
@@ -168,7 +169,7 @@ def test_new_attribute_model_recomputes_like_embeddings(lab: Lab, astronaut_face
 
 
 def test_filters_find_a_persons_faces_by_emotion(lab: Lab, astronaut_face: int) -> None:
-    from pipeline import identities
+    from pipeline.library import identities
 
     identities.enroll(lab, astronaut_face, "Eileen Collins")
     emotion = attributes.stored_attributes(lab, [astronaut_face])[astronaut_face].emotion
@@ -197,7 +198,7 @@ def test_coco_export_carries_the_attributes(lab: Lab, astronaut_face: int, tmp_p
 
 
 def test_privacy_delete_removes_the_attributes(lab: Lab, astronaut_face: int) -> None:
-    from pipeline.privacy import forget_person
+    from pipeline.library.privacy import forget_person
 
     forget_person(lab, "Eileen Collins")
     with lab.sessions() as s:

@@ -21,7 +21,7 @@ from pipeline.context import Lab
 from pipeline.errors import Conflict, InvalidRequest, NotFound
 from pipeline.settings import Settings
 from storage.orm import AuditLog, User, UserRole
-from pipeline.ingest import Upload, ingest
+from pipeline.library.ingest import Upload, ingest
 from tests.conftest import astronaut_photo, start_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,6 +153,7 @@ def test_binding_rules() -> None:
         auth.check_bind("127.0.0.1", share=True, with_users=False)
 
 
+@pytest.mark.slow  # runs python app.py in a subprocess
 def test_app_refuses_to_listen_on_all_interfaces_without_users(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "app.py", "--data", str(tmp_path), "--host", "0.0.0.0", "--port", "1"],

@@ -1,6 +1,6 @@
 """Clustering unknown faces on real dlib embeddings: augmented copies of one photo of a
 person group together, other content stays out; naming a group, "not this person"
-and splitting a person. Faces enter through pipeline.import_data (COCO, known boxes),
+and splitting a person. Faces enter through pipeline.datasets.import_data (COCO, known boxes),
 so the test does not depend on what the detector finds."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from PIL import Image as PILImage
 from skimage import data as skdata
 from sqlalchemy import select
 
-from pipeline import identities
-from pipeline.clustering import (
+from pipeline.library import identities
+from pipeline.library.clustering import (
     cluster_unknown_faces,
     name_cluster,
     remove_from_person,
@@ -25,7 +25,7 @@ from pipeline.clustering import (
 )
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest
-from pipeline.import_data import import_dataset
+from pipeline.datasets.import_data import import_dataset
 from pipeline.settings import Settings
 from storage.orm import AuditLog, Face, Image, ReviewStatus
 

@@ -18,16 +18,19 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from pipeline import identities, labeling
-from pipeline.consistency import check
+from pipeline.library import identities
+from pipeline.labeling import edits as labeling
+from pipeline.library.consistency import check
 from pipeline.context import Lab
 from pipeline.errors import Conflict, NotFound
-from pipeline.ingest import Upload, ingest
-from pipeline.search import search_face, search_image
+from pipeline.library.ingest import Upload, ingest
+from pipeline.library.search import search_face, search_image
 from pipeline.settings import Settings
 from storage.embedding_rows import embedding_face_ids
 from storage.orm import AuditLog, Face, Identity, Image
 from tests.conftest import astronaut_photo
+
+pytestmark = pytest.mark.slow  # processes and threads racing on one data folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,7 +144,7 @@ WORKER = r"""
 import json, sys
 from pathlib import Path
 spec = json.loads(sys.argv[1])
-from pipeline import identities
+from pipeline.library import identities
 from pipeline.context import Lab
 from pipeline.errors import Conflict
 from pipeline.settings import Settings

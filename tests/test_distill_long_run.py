@@ -18,6 +18,8 @@ from models.training.distill_trainer import DistillConfig, DistillRun, EpochSamp
 from models.training.face_chip_store import ChipStore
 from models.types import FaceBox
 
+pytestmark = pytest.mark.slow  # real (short) training runs
+
 CHIP = 150
 
 

@@ -19,13 +19,14 @@ from PIL import Image as PILImage
 from skimage import data as skdata
 from sqlalchemy import func, select
 
-from pipeline import identities, labeling
-from pipeline.archive import ArchiveLimits, UnsafeInput
+from pipeline.library import identities
+from pipeline.labeling import edits as labeling
+from pipeline.datasets.archive import ArchiveLimits, UnsafeInput
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest
-from pipeline.export import export_dataset
-from pipeline.import_data import ImportRejected, import_dataset
-from pipeline.ingest import Upload, ingest
+from pipeline.datasets.export import export_dataset
+from pipeline.datasets.import_data import ImportRejected, import_dataset
+from pipeline.library.ingest import Upload, ingest
 from pipeline.settings import Settings
 from storage.orm import AuditLog, Embedding, Face, Identity, Image, ImageStatus, ReviewStatus
 

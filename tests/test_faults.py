@@ -23,15 +23,17 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from pipeline import identities
-from pipeline.consistency import check
+from pipeline.library import identities
+from pipeline.library.consistency import check
 from pipeline.context import Lab
-from pipeline.ingest import Upload, ingest
+from pipeline.library.ingest import Upload, ingest
 from pipeline.settings import Settings
 from storage.embedding_rows import fetch_embeddings
 from storage.faiss_index import MANIFEST_FORMAT, FaceIndex
 from storage.orm import Face, Identity, Image
 from tests.conftest import astronaut_photo
+
+pytestmark = pytest.mark.slow  # each test kills a python app.py subprocess at a fault point
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,24 +84,24 @@ def ack(**kw):
     print("ACK " + json.dumps(kw), flush=True)
 op = spec["op"]
 if op == "ingest":
-    from pipeline.ingest import Upload, ingest
+    from pipeline.library.ingest import Upload, ingest
     (r,) = ingest(lab, [Upload(Path(spec["path"]).name, path=Path(spec["path"]))]).files
     ack(image_id=r.image_id, faces=[f.face_id for f in r.faces], error=r.error)
 elif op == "enroll":
-    from pipeline import identities
+    from pipeline.library import identities
     for face_id, name in spec["labels"]:
         identities.enroll(lab, face_id, name, user="child")
         ack(face=face_id, name=name)
 elif op == "delete_person":
-    from pipeline import identities
+    from pipeline.library import identities
     identities.delete_person(lab, spec["name"], delete_faces=True, user="child")
     ack()
 elif op == "delete_image":
-    from pipeline import privacy
+    from pipeline.library import privacy
     privacy.delete_image(lab, spec["image_id"], user="child")
     ack()
 elif op == "move_box":
-    from pipeline import labeling
+    from pipeline.labeling import edits as labeling
     state = labeling.load_for_labeling(lab, spec["image_id"], with_pixels=False)
     boxes = [labeling.BoxEdit(b.face_id, b.box[0] + 12, b.box[1] + 8, b.box[2] + 12, b.box[3] + 8, name=b.name)
              for b in state.boxes]

@@ -15,13 +15,13 @@ from gradio_client import Client, handle_file
 from PIL import Image as PILImage
 from skimage import data as skdata
 
-from pipeline import identities
+from pipeline.library import identities
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest, NotFound
-from pipeline.ingest import Upload, ingest
-from pipeline.search import search_image
+from pipeline.library.ingest import Upload, ingest
+from pipeline.library.search import search_image
 from pipeline.settings import Settings
-from pipeline.views import md
+from pipeline.text import md
 from tests.conftest import start_app
 
 CHROMIUM = Path("/usr/bin/chromium")

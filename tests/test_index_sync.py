@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from sqlalchemy import delete, select
 
-from pipeline import identities, labeling
+from pipeline.library import identities
+from pipeline.labeling import edits as labeling
 from pipeline.context import Lab
-from pipeline.ingest import Upload, ingest
-from pipeline.search import search_image
+from pipeline.library.ingest import Upload, ingest
+from pipeline.library.search import search_image
 from pipeline.settings import Settings
 from storage.embedding_rows import embedding_rows, embedding_stamp, fetch_embedding_rows
 from storage.faiss_index import FaceIndex

@@ -378,10 +378,10 @@ def _person_photo(seed: int, person: int) -> bytes:
 def typist_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, list[int]]]:
     """An app whose library holds one reviewed, named photo of each person and
     TYPIST_PHOTOS photos to label, alternating between the two; (URL, data folder, their ids)."""
-    from pipeline import labeling
+    from pipeline.labeling import edits as labeling
     from pipeline.context import Lab
-    from pipeline.ingest import Upload, ingest
-    from pipeline.labeling import BoxEdit
+    from pipeline.library.ingest import Upload, ingest
+    from pipeline.labeling.edits import BoxEdit
     from pipeline.settings import Settings
 
     data = tmp_path_factory.mktemp("typist")

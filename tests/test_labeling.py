@@ -1,4 +1,4 @@
-"""Labeling studio: pipeline.labeling / pipeline.review on real SQLite, FAISS and models,
+"""Labeling studio: pipeline.labeling.edits / pipeline.labeling.review on real SQLite, FAISS and models,
 and the Label tab's named endpoints through gradio_client on the running app."""
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from sqlalchemy import func, select
 
 from models.types import FaceBox
 from tests.conftest import mirrored_astronaut
-from pipeline import identities, labeling, review
+from pipeline.library import identities
+from pipeline.labeling import edits as labeling
+from pipeline.labeling import review
 from pipeline.context import Lab
 from pipeline.errors import Conflict, InvalidRequest, NotFound
-from pipeline.ingest import Upload, ingest
-from pipeline.labeling import BoxEdit, QueueFilter
+from pipeline.library.ingest import Upload, ingest
+from pipeline.labeling.edits import BoxEdit, QueueFilter
 from pipeline.settings import Settings
 from storage.orm import HUMAN_ORIGIN, AuditLog, Embedding, Face, Identity, ImageStatus, LabelRevision
 

@@ -11,8 +11,8 @@ import pytest
 
 from models.face_quality import FaceQualityModel, load_quality_model, quality_path
 from models.open_set import OpenSetCalibration, calibration_path, load_calibration
-from pipeline.clustering import _average_linkage
-from pipeline.identify import DecisionRule, decide, primary_face
+from pipeline.library.clustering import _average_linkage
+from pipeline.library.identify import DecisionRule, decide, primary_face
 from pipeline.results import PersonMatch
 
 CAL = OpenSetCalibration.from_dict({"embedder_version": "e-1", "target_far": 0.01, "floor": 0.9,

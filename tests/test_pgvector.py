@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from sqlalchemy import insert, text
 
-from pipeline import identities, labeling
-from pipeline.consistency import check
+from pipeline.library import identities
+from pipeline.labeling import edits as labeling
+from pipeline.library.consistency import check
 from pipeline.context import Lab
-from pipeline.ingest import Upload, ingest
-from pipeline.search import search_image
+from pipeline.library.ingest import Upload, ingest
+from pipeline.library.search import search_image
 from pipeline.settings import Settings
 from storage.db import make_engine, migrate
 from storage.orm import Embedding, Face, Image
@@ -118,18 +119,18 @@ for line in sys.stdin:
     cmd = json.loads(line)
     op = cmd["op"]
     if op == "search":
-        from pipeline.search import search_image
+        from pipeline.library.search import search_image
         r = search_image(lab, Path(cmd["path"]).read_bytes(), k=5)
         face = r.faces[0]
         out = {"people": [(p.name, p.is_match) for p in face.people], "faces": [m.face_id for m in face.matches]}
     elif op == "ingest_and_enroll":
-        from pipeline import identities
-        from pipeline.ingest import Upload, ingest
+        from pipeline.library import identities
+        from pipeline.library.ingest import Upload, ingest
         (res,) = ingest(lab, [Upload("child.jpg", data=Path(cmd["path"]).read_bytes())]).files
         identities.enroll(lab, res.faces[0].face_id, cmd["name"], user="child")
         out = {"face": res.faces[0].face_id}
     elif op == "delete_person":
-        from pipeline import identities
+        from pipeline.library import identities
         identities.delete_person(lab, cmd["name"], delete_faces=True, user="child")
         out = {}
     out["index_files"] = sorted(p.name for p in lab.settings.index_dir.glob("*")) if lab.settings.index_dir.exists() else []

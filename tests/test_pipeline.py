@@ -10,11 +10,11 @@ from PIL import Image as PILImage
 from skimage import data as skdata
 from sqlalchemy import func, select
 
-from pipeline import identities
+from pipeline.library import identities
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest, NotFound
-from pipeline.ingest import Upload, ingest
-from pipeline.search import search_face, search_image
+from pipeline.library.ingest import Upload, ingest
+from pipeline.library.search import search_face, search_image
 from pipeline.settings import Settings
 from storage.orm import AuditLog, Embedding, Face, Identity, Image
 

@@ -16,11 +16,15 @@ from PIL import PngImagePlugin
 from skimage import data as skdata
 from sqlalchemy import func, select
 
-from pipeline import clustering, identities, labeling, privacy, views
-from pipeline.consistency import check
+from pipeline.library import clustering
+from pipeline.library import identities
+from pipeline.labeling import edits as labeling
+from pipeline.library import privacy
+from webapp import views
+from pipeline.library.consistency import check
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest, NotFound
-from pipeline.ingest import Upload, ingest
+from pipeline.library.ingest import Upload, ingest
 from pipeline.settings import Settings
 from storage.faiss_index import FaceIndex
 from storage.image_decode import decode_upload, strip_jpeg_metadata

@@ -1,4 +1,4 @@
-"""Model registry (pipeline.registry) and evaluation (pipeline.evaluate): promotion,
+"""Model registry (pipeline.training.registry) and evaluation (pipeline.training.evaluate): promotion,
 rollback, restarts, interrupted promotions; baseline-vs-candidate metrics.
 
 The candidates are really trained (a few steps, so they are poor models); what matters
@@ -17,11 +17,12 @@ from sqlalchemy import func, select
 
 from models.detectors.base import FaceDetector
 from models.types import FaceBox
-from pipeline import registry, training
+from pipeline.training import registry
+from pipeline.training import jobs as training
 from pipeline.context import Lab
 from pipeline.errors import FaceLabError
-from pipeline.evaluate import DetectorUnderTest, compare_detectors, compare_embeddings, make_pairs
-from pipeline.search import search_image
+from pipeline.training.evaluate import DetectorUnderTest, compare_detectors, compare_embeddings, make_pairs
+from pipeline.library.search import search_image
 from storage.orm import AuditLog, Embedding, Face, Identity, ModelKind, ModelVersion, set_active_model_version
 from tests.test_training_jobs import QUICK_DETECTOR, QUICK_EMBEDDER, astronaut_photo, populate, settings_for
 

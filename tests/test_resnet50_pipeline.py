@@ -17,8 +17,8 @@ from skimage import data as skdata
 from models.embedders.factory import create_embedder
 from models.embedders.resnet50 import DEFAULT_META, build_net, save_checkpoint
 from pipeline.context import Lab
-from pipeline.ingest import Upload, ingest
-from pipeline.search import search_image
+from pipeline.library.ingest import Upload, ingest
+from pipeline.library.search import search_image
 from pipeline.settings import Settings
 
 META = {**DEFAULT_META, "embedding_dim": 128, "input_size": 112, "chip_size": 150, "match_threshold": 0.6}

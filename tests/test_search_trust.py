@@ -15,14 +15,15 @@ from PIL import Image as PILImage
 from skimage import data as skdata
 from sqlalchemy import select
 
-from pipeline import identities, views
-from pipeline.clustering import unknown_face_ids
+from pipeline.library import identities
+from webapp import views
+from pipeline.library.clustering import unknown_face_ids
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest
-from pipeline.identify import stored_face_quality
-from pipeline.import_data import import_dataset
-from pipeline.ingest import Upload, ingest
-from pipeline.search import search_face, search_image
+from pipeline.library.identify import stored_face_quality
+from pipeline.datasets.import_data import import_dataset
+from pipeline.library.ingest import Upload, ingest
+from pipeline.library.search import search_face, search_image
 from pipeline.settings import Settings
 from storage.orm import Face, Image
 from tests.conftest import astronaut_photo
@@ -99,7 +100,7 @@ def test_a_person_can_still_confirm_a_box_the_gate_doubts(tmp_path: Path) -> Non
             row = s.get(Face, face.face_id)
             row.x1, row.y1, row.x2, row.y2 = map(float, SUIT)
             row.landmarks = None  # found again from the new box when it is embedded
-        from pipeline.embed import embed_faces
+        from pipeline.library.embed import embed_faces
         from storage.orm import Embedding
 
         with lab.session() as s:

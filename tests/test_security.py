@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from pipeline import downloads, privacy
-from pipeline.archive import ArchiveLimits, open_source
+from pipeline.datasets import downloads
+from pipeline.library import privacy
+from pipeline.datasets.archive import ArchiveLimits, open_source
 from pipeline.context import Lab
-from pipeline.dataset_readers import ImportRejected, read_dataset
+from pipeline.datasets.readers import ImportRejected, read_dataset
 from pipeline.errors import InvalidRequest, NotFound
-from pipeline.import_data import SAME_BOX_PX, BoxDeduper, _check_images, _plan, import_dataset
-from pipeline.ingest import Upload, ingest
+from pipeline.datasets.import_data import SAME_BOX_PX, BoxDeduper, _check_images, _plan, import_dataset
+from pipeline.library.ingest import Upload, ingest
 from pipeline.settings import Settings
 from tests.conftest import astronaut_photo
 
@@ -40,6 +41,7 @@ def _app(*args: str, data: Path, timeout: float = 300, input: str | None = None)
 
 
 # -- ingest reads plain files only ---------------------------------------------------------
+@pytest.mark.slow  # runs python app.py in a subprocess
 def test_ingest_refuses_links_and_pipes_without_reading_them(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -79,6 +81,7 @@ def _modes(root: Path) -> dict[str, int]:
     return out
 
 
+@pytest.mark.slow  # runs python app.py in a subprocess
 def test_the_data_folder_is_for_its_owner_only(tmp_path: Path) -> None:
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(astronaut_photo(3))
@@ -110,6 +113,7 @@ def _unshare_available() -> bool:
     return probe is not None and probe.returncode == 0
 
 
+@pytest.mark.slow  # runs python app.py in a subprocess
 def test_a_full_disk_gives_one_clear_line_and_loses_nothing(tmp_path: Path) -> None:
     """A real full disk: a 3 MiB tmpfs mounted in a private mount namespace (``unshare``),
     holding the data folder; the app's commands run on it."""
@@ -146,7 +150,7 @@ from pipeline.context import Lab
 from pipeline.settings import Settings
 import gradio as gr
 from webapp.endpoints import Endpoints
-from pipeline import views
+from webapp import views
 with Lab.open(Settings(data_dir=data, match_threshold=0.8)) as lab:
     detect = Endpoints(lab)("detect")(lambda files: views.detect(lab, files))
     try:
@@ -181,6 +185,7 @@ print(json.dumps(out))
 
 
 # -- check reports what interrupted writes left ------------------------------------------------
+@pytest.mark.slow  # runs python app.py in a subprocess
 def test_check_reports_stale_temp_files_and_repair_removes_them(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with Lab.open(Settings(data_dir=data, match_threshold=0.8)) as lab:
@@ -218,6 +223,7 @@ def _coco_zip(path: Path, boxes: list[list[float]], size: tuple[int, int] = (200
     return path
 
 
+@pytest.mark.slow  # runs python app.py in a subprocess
 def test_a_huge_number_in_a_coco_box_is_one_problem_line(tmp_path: Path) -> None:
     zip_path = _coco_zip(tmp_path / "overflow.zip", [[10, 10, 50, 50]], extra=', {"id": 9, "image_id": 1, '
                          '"category_id": 1, "bbox": [1' + "0" * 400 + ', 1, 2, 3]}')
@@ -296,8 +302,8 @@ def test_a_4000_box_image_is_planned_without_quadratic_work(tmp_path: Path, data
 # -- exports: where they live and when they go ------------------------------------------------
 def test_exports_expire_and_a_privacy_delete_takes_them_and_uploaded_archives(tmp_path: Path,
                                                                               database_url: str) -> None:
-    from pipeline import identities
-    from pipeline.export import export_dataset
+    from pipeline.library import identities
+    from pipeline.datasets.export import export_dataset
 
     settings = Settings(data_dir=tmp_path / "data", database_url=database_url, match_threshold=0.8)
     with Lab.open(settings) as lab:

@@ -184,7 +184,7 @@ def test_face_mask_conversion(tmp_path):
 
 
 def test_weights_travel_in_parts_and_join_checks_them(tmp_path):
-    from models.training.gpu_train import join_parts, split_file
+    from tools.gpu_train import join_parts, split_file
 
     blob = np.random.default_rng(0).integers(0, 256, 2500, dtype=np.uint8).tobytes()
     (tmp_path / "w.pt").write_bytes(blob)

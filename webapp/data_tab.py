@@ -1,6 +1,6 @@
 """The Data tab: export the labels as a dataset zip, import one, and name groups of
 unknown faces at once. Thin like the rest of the UI: each callback calls one pipeline
-operation (pipeline.export / pipeline.import_data / pipeline.clustering) and maps its
+operation (pipeline.datasets.export / pipeline.datasets.import_data / pipeline.library.clustering) and maps its
 result onto components.
 """
 
@@ -13,7 +13,12 @@ from typing import Any
 
 import gradio as gr
 
-from pipeline.clustering import (
+from pipeline.context import Lab
+from pipeline.datasets import downloads
+from pipeline.datasets.export import export_dataset
+from pipeline.datasets.import_data import ImportRejected, import_dataset
+from pipeline.errors import FaceLabError
+from pipeline.library.clustering import (
     FaceCluster,
     cluster_thumbnails,
     cluster_unknown_faces,
@@ -22,13 +27,9 @@ from pipeline.clustering import (
     remove_group_from_person,
     split_person,
 )
-from pipeline import downloads
-from pipeline.context import Lab
-from pipeline.errors import FaceLabError
-from pipeline.export import export_dataset
-from pipeline.import_data import ImportRejected, import_dataset
-from pipeline.views import forget_uploads, md
+from pipeline.text import md
 from webapp.endpoints import Endpoints
+from webapp.views import forget_uploads
 
 #: where webapp.http_guard serves exports (relative: the link works under any root path)
 DOWNLOAD_PATH = "facelab/download/"
@@ -52,7 +53,7 @@ def _export_section(lab: Lab, endpoint: Endpoints) -> None:
         reviewed = gr.Checkbox(label="Only faces a person accepted", elem_id="export-reviewed")
         button = gr.Button("Export", variant="primary", elem_id="export-button")
     # a link, not a gr.File: the zip holds every face and name, so it stays in the data
-    # folder and is served once, to the user who asked (pipeline.downloads)
+    # folder and is served once, to the user who asked (pipeline.datasets.downloads)
     link = gr.Markdown(elem_id="export-file")
     message = gr.Markdown(elem_id="export-message")
 

@@ -13,7 +13,7 @@ until restart even after the account is removed. So, for every request:
   ``pipeline.auth.gradio_auth`` (``auth.login_address``), which throttles per address
   and per name (``auth.LoginThrottle``).
 * **Downloads**: ``/facelab/download/<token>`` serves a dataset export once, to the user
-  who made it (``pipeline.downloads``); the file is unlinked as the sending starts.
+  who made it (``pipeline.datasets.downloads``); the file is unlinked as the sending starts.
 * **Security headers** on every response that passes here (``SECURITY_HEADERS``), error
   pages included: no framing by other sites (clickjacking), no MIME sniffing, no
   referrer, and a Content-Security-Policy that allows only this origin (Gradio's page
@@ -37,10 +37,16 @@ from typing import Any
 
 import anyio.to_thread
 from starlette.requests import HTTPConnection
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 
-from pipeline import auth, downloads
+from pipeline import auth
 from pipeline.context import Lab
+from pipeline.datasets import downloads
 from pipeline.errors import FaceLabError
 
 log = logging.getLogger(__name__)

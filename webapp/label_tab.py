@@ -1,6 +1,6 @@
 """The Label tab: check and correct face boxes and names, image after image, from the keyboard.
 
-Thin by design, like ``webapp.ui``: every callback calls one ``pipeline.review`` function
+Thin by design, like ``webapp.ui``: every callback calls one ``pipeline.labeling.review`` function
 (which tests call without a browser) and maps the returned ``LabelView`` onto components.
 
 Why it is built this way (see ../shared/notes/measurements.md on the annotator):
@@ -13,7 +13,7 @@ Why it is built this way (see ../shared/notes/measurements.md on the annotator):
 - Gradio buttons have no keyboard shortcuts, so a small page script clicks them by
   ``elem_id``; it ignores keys typed into text fields;
 - every action lands on the photo it was meant for: each sends the photo id and version
-  the page shows (the hidden ``label-target`` field) and ``pipeline.review`` refuses
+  the page shows (the hidden ``label-target`` field) and ``pipeline.labeling.review`` refuses
   it when another photo or version is open; the page script lets one Label request run
   at a time and holds keys (and clicks) typed meanwhile, playing them in order once the
   answer is on screen, so a key typed right after N lands on the photo N opens;
@@ -31,9 +31,11 @@ from typing import Any
 import gradio as gr
 from gradio_image_annotation import image_annotator
 
-from pipeline import auth, privacy, review
+from pipeline import auth
 from pipeline.context import Lab
 from pipeline.errors import FaceLabError
+from pipeline.labeling import review
+from pipeline.library import privacy
 from webapp.endpoints import Endpoints
 
 SHORTCUTS = (
@@ -406,7 +408,7 @@ def build_label_tab(lab: Lab, endpoint: Endpoints) -> None:
         return review.Filters(status_choice, bool(only_unknown), who or "", float(score or 0.0))
 
     # Callbacks spell out their parameters: Gradio injects gr.Request only into positional ones.
-    # Every action takes ``target`` (the photo and version the page showed, see pipeline.review).
+    # Every action takes ``target`` (the photo and version the page showed, see pipeline.labeling.review).
     # -- loading ------------------------------------------------------------------------
     def on_open(wanted: float | None, st: str, unk: bool, who: str, score: float,
                 request: gr.Request) -> tuple[Any, ...]:

@@ -2,7 +2,7 @@
 scratch, or fine-tuning a registered version), watch it train, compare it with the model
 in use on a test split, then promote or roll back.
 
-Thin like the rest of the UI: callbacks call ``pipeline.training`` / ``pipeline.registry``
+Thin like the rest of the UI: callbacks call ``pipeline.training.jobs`` / ``pipeline.training.registry``
 and map the results onto components. The job runs in a process of its own (never in
 the app's threads) and writes its progress to a file in the data folder; a ``gr.Timer``
 polls it, so a page reload or a second tab shows the same job. Starting, cancelling,
@@ -21,10 +21,11 @@ import gradio as gr
 import pandas as pd
 from PIL import Image as PILImage
 
-from pipeline import registry, training
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest
-from pipeline.views import md
+from pipeline.text import md
+from pipeline.training import jobs as training
+from pipeline.training import registry
 from webapp.endpoints import Endpoints
 
 MODEL_HEADERS = ["id", "kind", "name", "version", "in use", "created", "run", "key metrics"]

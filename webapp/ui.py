@@ -1,4 +1,4 @@
-"""The Gradio Blocks UI. Thin by design: every callback calls one ``pipeline.views``
+"""The Gradio Blocks UI. Thin by design: every callback calls one ``webapp.views``
 function (which tests call without a browser) and only maps its result onto components.
 """
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import gradio as gr
 
-from pipeline import auth, views
+from pipeline import auth
 from pipeline.context import Lab
-from webapp import gradio_cache
+from webapp import gradio_cache, views
 from webapp.data_tab import build_data_tab
 from webapp.endpoints import Endpoints, check_declared
 from webapp.label_tab import build_label_tab
@@ -350,7 +350,7 @@ def launch(lab: Lab, host: str = "127.0.0.1", port: int = 7860, share: bool = Fa
     # login throttling by address, export downloads, security headers).
     from starlette.middleware import Middleware
 
-    from pipeline import downloads
+    from pipeline.datasets import downloads
     from webapp.http_guard import HttpGuard
 
     with_users = auth.users_configured(lab)

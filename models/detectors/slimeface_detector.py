@@ -27,10 +27,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from models.detectors.base import FaceDetector
-from models.detectors.calibration import DEFAULT_CALIBRATION_PATH, BoxCalibrationSet, load_calibration
-from models.errors import ModelInputError, WeightsNotFoundError
 from common.boxes import iou_matrix
+from models.detectors.base import FaceDetector
+from models.detectors.calibration import (
+    DEFAULT_CALIBRATION_PATH,
+    BoxCalibrationSet,
+    load_calibration,
+)
+from models.errors import ModelInputError, WeightsNotFoundError
 from models.types import FaceBox
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ CHECKPOINT_FORMAT = "facelab-resnet50-embedder/1"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "resnet50-face.pt"
 HOW_TO_GET = (
     "Train it with `python app.py train embedder ...` (or on a GPU: "
-    "`bash models/training/gpu_train.sh embedder`, see models/training/gpu_train.sh), "
+    "`bash tools/gpu_train.sh embedder`, see tools/gpu_train.sh), "
     "then put the checkpoint there or pass its path as resnet50:PATH."
 )
 

@@ -32,7 +32,6 @@ import numpy as np
 
 from common.boxes import iou_matrix
 from common.safe_xml import parse_xml_file
-
 from models.types import FaceBox
 
 #: (label, low, high) buckets on a ground-truth box's short side in pixels, [low, high)

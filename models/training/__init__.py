@@ -8,7 +8,7 @@ Modules (each one job):
 - ``embedder_trainer``: ``train_embedder`` (distillation, then margin fine-tuning).
 - ``yolo_dataset``: export (image, boxes) lists as a YOLO dataset; face_mask VOC -> YOLO.
 - ``detector_trainer``: ``train_detector`` through ultralytics, offline.
-- ``gpu_train.sh`` / ``gpu_payload``: the one-command GPU runs and their CPU-side payload.
+- (the one-command GPU runs live in ``tools/gpu_train.sh``, outside the product packages)
 
 Nothing here imports ``storage`` or ``pipeline``; heavy libraries load lazily.
 """

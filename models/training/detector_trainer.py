@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
 from models.weights_locator import file_sha256
 
 ProgressFn = Callable[[dict], None]
@@ -119,8 +120,8 @@ def import_ultralytics():
     """Import ultralytics offline-safe and return its ``YOLO`` class."""
     if "ultralytics" not in sys.modules:
         prepare_ultralytics_env()
-    from ultralytics import YOLO
     import ultralytics.data.utils as data_utils
+    from ultralytics import YOLO
     from ultralytics.utils import events
 
     data_utils.check_font = lambda *args, **kwargs: None  # would download Arial.ttf

@@ -56,7 +56,11 @@ from torch import nn
 
 from common.atomic import save_torch_atomically
 from models.cpu_features import cpu_native_bf16
-from models.embedders.resnet50 import ResNet50EmbeddingNet, chips_to_tensor, save_checkpoint
+from models.embedders.resnet50 import (
+    ResNet50EmbeddingNet,
+    chips_to_tensor,
+    save_checkpoint,
+)
 from models.evaluation.verification import best_threshold, kfold_accuracy, roc_auc
 from models.training.chip_augment import ChipAugmentConfig, augment_batch
 from models.training.face_chip_store import ChipStore

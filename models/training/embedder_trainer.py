@@ -15,7 +15,7 @@ same/different pairs (threshold picked on one half of the pairs, measured on the
 both ways, averaged) and leave-one-out rank-1. The teacher gets the same validation
 once, as the baseline to beat. The select set picks the best epoch, so it is not a fair
 place to compare the result with anything: callers keep a test set the trainer never
-sees (``pipeline.training``). Checkpoints (fp16, ``ResNet50Embedder`` format) go to
+sees (``pipeline.training.jobs``). Checkpoints (fp16, ``ResNet50Embedder`` format) go to
 ``output_dir``: ``last.pt`` and ``best.pt`` (the epoch with the best select accuracy,
 across both stages) every ``save_every`` epochs and at the end of each stage.
 ``time_limit_min`` bounds the wall-clock time (the LR schedule follows the clock, so a

@@ -34,7 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from common.atomic import save_torch_atomically
-from models.attributes.emotion_net import EMOTIONS, FRAME_SIZE, INPUT_SIZE, EmotionNet, predict_proba, standardise
+from models.attributes.emotion_net import (
+    EMOTIONS,
+    FRAME_SIZE,
+    INPUT_SIZE,
+    EmotionNet,
+    predict_proba,
+    standardise,
+)
 from models.training.fer_data import load_fer_split, stratified_split
 
 log = logging.getLogger("emotion_trainer")

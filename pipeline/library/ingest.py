@@ -26,13 +26,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models.types import FaceBox
-from pipeline.attributes import analyze, attribute_version
-from pipeline.attributes import rows_for as attribute_rows
 from pipeline.context import Lab
 from pipeline.faults import fault_point
-from pipeline.identify import face_quality, passes_gate, stored_face_quality
+from pipeline.library.attributes import analyze, attribute_version
+from pipeline.library.attributes import rows_for as attribute_rows
+from pipeline.library.identify import face_quality, passes_gate, stored_face_quality
+from pipeline.library.suggest import suggest_people
 from pipeline.results import FaceInfo, FileResult, IngestReport
-from pipeline.suggest import suggest_people
 from storage.images import DecodedImage, ImageRejected, decode_upload, sanitize_name
 from storage.orm import Embedding, Face, Image
 
@@ -66,7 +66,7 @@ class Upload:
 def read_regular_file(path: Path, max_bytes: int) -> bytes:
     """The bytes of ``path`` if it is a plain file, refusing anything else unread.
 
-    Like ``import`` (pipeline.archive): a symbolic link is refused, not followed (it could
+    Like ``import`` (pipeline.datasets.archive): a symbolic link is refused, not followed (it could
     point anywhere, /etc/passwd included), and so are pipes, sockets and devices (reading
     a FIFO would wait forever). Opened with O_NOFOLLOW | O_NONBLOCK and checked with
     fstat on the open file, so swapping the file for a link or a pipe after a check

@@ -8,7 +8,7 @@ records what it was given in ``runs/<run>/stages.json`` (the keys of the images 
 each one actually received, read back from the trainers and evaluators themselves), so
 a test can check that nothing the candidate was chosen on is in the data that decides
 its promotion. Nothing here changes the model in use: a run ends with an inactive
-``ModelVersion`` row (``pipeline.registry.promote`` switches).
+``ModelVersion`` row (``pipeline.training.registry.promote`` switches).
 
 Where training starts from is named as what it is: *from scratch* (an architecture,
 random weights; the embedder distilled from the model in use) or *fine-tune* (a
@@ -27,10 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import registry
 from pipeline.context import Lab
 from pipeline.errors import FaceLabError, InvalidRequest
-from pipeline.evaluate import (
+from pipeline.training import registry
+from pipeline.training.data import (
+    JobCancelled,
+    describe,
+    detector_splits,
+    embedder_splits,
+    labelled_chipset,
+    lfw_chipset,
+)
+from pipeline.training.evaluate import (
     Comparison,
     DetectorUnderTest,
     compare_detectors,
@@ -40,17 +48,9 @@ from pipeline.evaluate import (
     fit_detector_conf,
     fit_match_threshold,
 )
-from pipeline.training_data import (
-    JobCancelled,
-    describe,
-    detector_splits,
-    embedder_splits,
-    labelled_chipset,
-    lfw_chipset,
-)
 
 if TYPE_CHECKING:
-    from pipeline.training import JobReporter, TrainRequest
+    from pipeline.training.jobs import JobReporter, TrainRequest
 
 
 def _now() -> str:

@@ -46,7 +46,7 @@ exported). ``image_status`` (per image: how far the Label tab's review got) is o
 "unreviewed", "in_progress", "reviewed", "skipped"; it is written into the format's own
 per-image record (COCO ``images[]``, the VOC file) and, for every format, the manifest;
 YOLO has no per-image record, so there the manifest carries it. Import reads both back
-(``pipeline.dataset_readers``), so export -> import keeps names, boxes and review state.
+(``pipeline.datasets.readers``), so export -> import keeps names, boxes and review state.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Callable
@@ -141,7 +140,7 @@ def coco_attributes(lab: Lab, face_ids: list[int]) -> dict[int, dict]:
     """Per face, its stored emotion/age/gender as COCO per-box attributes (``emotion``,
     ``emotion_confidence``, ``emotion_probs``, ``age``, ``gender``, ``gender_confidence``,
     ``attribute_model``); faces without stored attributes are absent."""
-    from pipeline.attributes import stored_attributes
+    from pipeline.library.attributes import stored_attributes
 
     out = {}
     for face_id, a in stored_attributes(lab, face_ids).items():
@@ -215,7 +214,7 @@ def _write(lab: Lab, zf: zipfile.ZipFile, fmt: str, selection: str, images: list
         "format": fmt,
         "selection": selection,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "box_convention": "see pipeline/export.py",
+        "box_convention": "see pipeline/datasets/export.py",
         "images": [
             {"file": img.file, "sha256": img.sha256, "original_name": img.original_name,
              "width": img.width, "height": img.height, "faces": len(img.faces), "image_status": img.status}
@@ -311,24 +310,3 @@ def _voc_xml(img: ExportImage) -> bytes:
             ET.SubElement(bnd, key).text = voc_number(value)
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
-
-
-def export_command(lab: Lab, fmt: str, out: Path, selection: str = "all") -> int:
-    """``python app.py export FORMAT OUT.zip [--reviewed]``: exit 0, or 1 with the reason."""
-    from tqdm import tqdm
-
-    from pipeline.errors import FaceLabError
-
-    with tqdm(total=100, unit="%", desc="Exporting") as bar:
-        def progress(fraction: float, text: str) -> None:
-            bar.n = round(fraction * 100)
-            bar.set_postfix_str(text)
-            bar.refresh()
-
-        try:
-            report = export_dataset(lab, fmt, out, selection, progress)
-        except FaceLabError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    print(report.summary())
-    return 0

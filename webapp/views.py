@@ -6,8 +6,6 @@ Each function calls one pipeline operation and turns its result into plain value
 
 from __future__ import annotations
 
-import html
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +14,16 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
-from pipeline import attributes as face_attributes
-from pipeline import identities
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest
-from pipeline.ingest import Upload, ingest, read_regular_file
-from models.attributes.analyzer import FaceAttributes
-from models.attributes.emotion_net import EMOTIONS
+from pipeline.library import attributes as face_attributes
+from pipeline.library import identities
+from pipeline.library.attributes import EMOTIONS, FaceAttributes
+from pipeline.library.ingest import ImageRejected, Upload, ingest, read_regular_file
+from pipeline.library.search import search_image
 from pipeline.results import FaceInfo, IngestReport, SearchResult
-from pipeline.search import search_image
 from pipeline.served import picture_file
-from storage.images import ImageRejected
+from pipeline.text import md
 
 #: (file to show, caption): pictures are files named after their photo (see pipeline.served)
 Caption = tuple[str, str]
@@ -63,12 +60,6 @@ class PeopleView:
     message: str
     #: the person of each gallery picture, in order (a click on picture i selects gallery_names[i])
     gallery_names: list[str]
-
-
-def md(text: object) -> str:
-    """User text made safe inside Markdown: HTML shown as text, Markdown syntax literal."""
-    escaped = html.escape(str(text), quote=False)
-    return re.sub(r"([\\`*_{}\[\]()#+!|~>-])", r"\\\1", escaped)
 
 
 def status_line(lab: Lab) -> str:
@@ -297,33 +288,22 @@ def search_details(result: SearchResult) -> dict:
 
 
 def lab_image_sha(lab: Lab, image_id: int) -> str:
-    from storage.orm import Image
-
-    with lab.sessions() as session:
-        row = session.get(Image, image_id)
-        if row is None:
-            raise InvalidRequest(f"image {image_id} was deleted")
-        return row.sha256
+    return identities.image_sha256(lab, image_id)
 
 
 # -- People tab -------------------------------------------------------------------------
 def people(lab: Lab) -> PeopleView:
-    from storage.orm import Face
-
     everyone = identities.list_people(lab)
     gallery: list[Caption] = []
     gallery_names: list[str] = []
-    with lab.sessions() as session:
-        for person in everyone:
-            if person.cover_face_id is None:
-                continue
-            face = session.get(Face, person.cover_face_id)
-            if face is None:
-                continue
-            sha = face.image.sha256
-            gallery.append((picture_file(lab, face_crop(lab.images.open(sha), face.box), sha),
-                            f"{person.name} ({person.face_count})"))
-            gallery_names.append(person.name)
+    for person in everyone:
+        cover = identities.cover_face(lab, person.cover_face_id) if person.cover_face_id is not None else None
+        if cover is None:
+            continue
+        sha, box = cover
+        gallery.append((picture_file(lab, face_crop(lab.images.open(sha), box), sha),
+                        f"{person.name} ({person.face_count})"))
+        gallery_names.append(person.name)
     rows = [[p.identity_id, p.name, p.face_count] for p in everyone]
     message = f"{len(everyone)} people enrolled."
     empty = sum(1 for p in everyone if p.face_count == 0)
@@ -388,7 +368,7 @@ def delete_person(lab: Lab, name: str, delete_faces: bool, user: str = "local") 
     """With ``delete_faces`` this is the privacy delete: faces, every embedding version,
     index entries and the name in label history and audit details all go."""
     if delete_faces:
-        from pipeline.privacy import forget_person
+        from pipeline.library.privacy import forget_person
 
         return md(forget_person(lab, name, user=user).message)
     return md(identities.delete_person(lab, name, False, user=user))

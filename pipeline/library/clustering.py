@@ -15,7 +15,7 @@ faces of ~30 LFW people into one group. Figures before/after: bench/clustering.p
   named one by one).
 
 Only unknown faces take part: no identity, not rejected, and passing the face-quality
-gate (``pipeline.identify``: boxes that may not be faces are not grouped).
+gate (``pipeline.library.identify``: boxes that may not be faces are not grouped).
 
 ``split_person`` runs the same grouping on one person's faces (``min_faces=1``) to show
 whether a name was given to two different people.
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import func, select
 
-from pipeline import identities
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest, NotFound
-from pipeline.identify import stored_face_quality
+from pipeline.library import identities
+from pipeline.library.identify import stored_face_quality
 from pipeline.results import PersonSummary
 from pipeline.served import picture_file
 from storage.orm import Face, Identity, ReviewStatus, record_audit, utcnow

@@ -1,8 +1,8 @@
 """Read PASCAL VOC, YOLO and COCO annotations from a ``DatasetSource`` into one shape.
 
 Parsing only: every problem is collected with the file and line (or JSON element) it
-comes from, and nothing touches the library. ``pipeline.import_data`` then checks the
-images and writes. The writer side is ``pipeline.export``; its docstring describes the
+comes from, and nothing touches the library. ``pipeline.datasets.import_data`` then checks the
+images and writes. The writer side is ``pipeline.datasets.export``; its docstring describes the
 layout FaceLab writes, which these readers accept along with common variants:
 
 * Every box is a face, whatever its class (face_mask's with_mask / without_mask /
@@ -37,9 +37,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from pipeline.archive import DatasetSource, UnsafeInput, parse_xml, posix_parent
-from pipeline.errors import InvalidRequest
-from pipeline.export import (
+from pipeline.datasets.archive import (
+    DatasetSource,
+    UnsafeInput,
+    parse_xml,
+    posix_parent,
+)
+from pipeline.datasets.export import (
     COCO_FILE,
     FACE_CLASS,
     IMAGE_STATUS_FIELD,
@@ -47,8 +51,9 @@ from pipeline.export import (
     YOLO_IDENTITIES,
     YOLO_LABELS_DIR,
 )
-from pipeline.identities import clean_name
-from pipeline.ingest import IMAGE_SUFFIXES
+from pipeline.errors import InvalidRequest
+from pipeline.library.identities import clean_name
+from pipeline.library.ingest import IMAGE_SUFFIXES
 from storage.images import sanitize_name
 from storage.orm import ImageStatus, ReviewStatus
 
@@ -101,7 +106,7 @@ class ImageEntry:
 
 class Findings:
     """Problems (any one refuses the import) and notes (told to the user) found while reading,
-    and the box caps (``pipeline.archive.ArchiveLimits``): ``keep`` counts every box read."""
+    and the box caps (``pipeline.datasets.archive.ArchiveLimits``): ``keep`` counts every box read."""
 
     def __init__(self, max_boxes: int | None = None, max_boxes_per_image: int | None = None) -> None:
         self.items: list[str] = []

@@ -2,7 +2,7 @@
 LFW), compare it with the model in use on a test split nothing chose it on, and register
 it (inactive) for promotion.
 
-A job runs in **its own process** (``python -m pipeline.training_process``, started by
+A job runs in **its own process** (``python -m pipeline.training.process``, started by
 ``start_training``), never in the web server's threads: the server only starts it,
 reads its record and can ask it to stop; a job that crashes or is killed (even SIGKILL)
 leaves the server serving and its record reads "failed". The command line
@@ -19,9 +19,9 @@ all see the same job. Cancelling writes ``training/cancel`` (the job polls it be
 batches), so the UI can also stop a job started from the CLI.
 
 The run itself (three splits, training, threshold on the select split, comparison on
-the test split, registration) is ``pipeline.training_run``; the data and its split,
-``pipeline.training_data``. Nothing here changes the model in use: a run ends with an
-inactive ``ModelVersion`` row; promotion is ``pipeline.registry.promote``.
+the test split, registration) is ``pipeline.training.run``; the data and its split,
+``pipeline.training.data``. Nothing here changes the model in use: a run ends with an
+inactive ``ModelVersion`` row; promotion is ``pipeline.training.registry.promote``.
 
 Model files: the web app can only pick an architecture from
 ``models.model_files.ARCHITECTURES`` (from scratch) or a version registered by FaceLab
@@ -53,13 +53,13 @@ import numpy as np
 from sqlalchemy import select
 
 from models.model_files import ARCHITECTURES
-from pipeline import registry
 from pipeline.context import Lab
 from pipeline.errors import Conflict, FaceLabError, InvalidRequest, NotFound
-from pipeline.evaluate import Comparison, EvaluationStopped
 from pipeline.settings import REPO_ROOT
-from pipeline.training_data import CHIP_PADDING, JobCancelled
-from pipeline.training_run import RunOutcome, run_training, start_point
+from pipeline.training import registry
+from pipeline.training.data import CHIP_PADDING, JobCancelled
+from pipeline.training.evaluate import Comparison, EvaluationStopped
+from pipeline.training.run import RunOutcome, run_training, start_point
 from storage.orm import Face, Image, ReviewStatus
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,6 @@ def _mark_run(lab: Lab, run_id: str, status: str, **extra: Any) -> None:
     registry.write_json(path, doc)
 
 
-
 class JobReporter:
     """Owns the job record while the job runs: throttled atomic writes with an ETA,
     progress events from the trainers, and the cancel check (a cancel file, Ctrl-C, or
@@ -462,7 +461,6 @@ class JobReporter:
         self.within(frac)
 
 
-
 # ============================================================================ running a job
 
 
@@ -498,7 +496,6 @@ def _execute(lab: Lab, reporter: JobReporter, req: TrainRequest, lock: _FileLock
         _cancel_file(lab).unlink(missing_ok=True)
         lock.release()
     return outcome
-
 
 
 # ============================================================================ job control
@@ -580,14 +577,14 @@ def start_training(lab: Lab, req: TrainRequest) -> JobRecord:
 
 
 def _spawn(lab: Lab, record: JobRecord, lock: _FileLock, log_path: Path) -> subprocess.Popen:
-    """``python -m pipeline.training_process`` with the lock's descriptor; the settings
+    """``python -m pipeline.training.process`` with the lock's descriptor; the settings
     (database URL included) travel on its stdin, never on disk or the command line."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     spec = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(lab.settings).items()},
             "record": record.to_dict(), "lock_path": str(lock.path), "lock_fd": lock.fd, "parent_pid": os.getpid()}
     env = {**os.environ, "YOLO_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "pipeline.training_process"], cwd=REPO_ROOT, env=env,
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.training.process"], cwd=REPO_ROOT, env=env,
                                    stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
                                    pass_fds=(lock.fd,), text=True)
     assert process.stdin is not None
@@ -680,7 +677,7 @@ def run_in_foreground(lab: Lab, req: TrainRequest, echo: bool = True) -> tuple[J
 
 
 def run_job_process(lab: Lab, record: JobRecord, lock: _FileLock, parent_pid: int) -> JobRecord:
-    """The job process's side of ``start_training`` (see ``pipeline.training_process``)."""
+    """The job process's side of ``start_training`` (see ``pipeline.training.process``)."""
     record.pid = os.getpid()
     reporter = JobReporter(lab, record, threading.Event(), echo=True, parent_pid=parent_pid)
     _execute(lab, reporter, _request_of(record), lock)
@@ -736,7 +733,6 @@ def augmentation_preview_image(lab: Lab, faces: int = 4, seed: int = 0, input_si
         chips.append(face_chips(image, [box], size=input_size, padding=CHIP_PADDING)[0])
     return augmentation_preview(np.stack(chips), AugmentConfig(), output_size=input_size, per_chip=7, seed=seed,
                                 max_chips=faces)
-
 
 
 # ============================================================================ CLI
@@ -797,106 +793,8 @@ def comparison_lines(name: str, comparison: Comparison) -> list[str]:
     return lines
 
 
-def train_command(lab: Lab, req: TrainRequest, results: Path | None = None, command: str = "") -> int:
-    """``python app.py train ...``: runs in the foreground, prints progress; exit 0 done,
-    1 failed, 2 refused, 130 cancelled. ``results``: also export the evaluation there."""
-    try:
-        record, outcome = run_in_foreground(lab, req)
-    except FaceLabError as exc:
-        print(f"error: {exc}")
-        return 2
-    if outcome is not None and results is not None:
-        for path in export_results(lab, outcome.run_id, results, command):
-            print(f"wrote {path}")
-    if outcome is not None:
-        print("\nsplits: " + "; ".join(record.splits.values()))
-        for name, comparison in outcome.comparisons.items():
-            print("\n" + "\n".join(comparison_lines(name, comparison)))
-        print(f"\nrun folder: {outcome.run_dir}\npromote with: python app.py models promote {outcome.version.id}")
-    return {"done": 0, "cancelled": 130}.get(record.status, 1)
-
-
-def models_command(lab: Lab, action: str, version_id: int | None = None, kind: str | None = None) -> int:
-    """``python app.py models list|promote ID|rollback KIND [--to ID]``."""
-    from tqdm import tqdm
-
-    try:
-        if action == "list":
-            rows = registry.versions_table(lab)
-            if not rows:
-                print("no registered models yet (train one: python app.py train detector|embedder)")
-            for row in rows:
-                print(f"#{row[0]:<4} {row[1]:<9} {row[2]:<10} {row[3]:<34} {'IN USE' if row[4] else '':<6} "
-                      f"{row[5]}  {row[6]}  {row[7]}")
-            for k in KINDS:
-                info = registry.active_version(lab, k)
-                print(f"{k} in use: {info.label() if info else registry.in_use_spec(lab, k) + ' (settings default)'}")
-            return 0
-        with tqdm(total=100, unit="%", desc=action.capitalize()) as bar:
-            def progress(fraction: float, text: str) -> None:
-                bar.n = round(100 * fraction)
-                bar.set_postfix_str(text)
-                bar.refresh()
-
-            if action == "promote":
-                if version_id is None:
-                    raise InvalidRequest("Give the version id to promote (see `python app.py models list`).")
-                message = registry.promote(lab, version_id, progress)
-            else:
-                if kind is None:
-                    raise InvalidRequest("Say which model to roll back: detector or embedder.")
-                message = registry.rollback(lab, kind, version_id, progress)
-        print(message)
-        return 0
-    except FaceLabError as exc:
-        print(f"error: {exc}")
-        return 2
-
-
 def parse_minutes(value: str | float | None) -> float | None:
     if value in (None, ""):
         return None
     v = float(value)
     return v if math.isfinite(v) and v > 0 else None
-
-
-def request_from_args(args: Any) -> TrainRequest:
-    """A TrainRequest from ``python app.py train`` arguments. ``--model`` is an
-    architecture name, or a checkpoint path the owner of this machine vouches for."""
-    from models.model_files import is_architecture
-
-    source, path = "labels", None
-    if getattr(args, "from_face_mask", None):
-        source, path = "face_mask", args.from_face_mask
-    elif getattr(args, "from_lfw", None):
-        source, path = "lfw", args.from_lfw
-    model = model_path = None
-    if args.model:
-        model, model_path = (args.model, None) if is_architecture(args.model) or args.model.endswith(
-            (".yaml", ".yml")) else (None, args.model)
-    req = TrainRequest(kind=args.kind, source=source, source_path=str(path) if path else None, epochs=args.epochs,
-                       minutes=args.minutes, imgsz=args.imgsz, model=model, model_path=model_path,
-                       init_version=getattr(args, "from_version", None), batch=args.batch, device=args.device,
-                       limit_images=args.limit_images, eval_pairs=args.eval_pairs,
-                       max_steps_per_epoch=args.max_steps, validate_every_epoch=not args.no_val,
-                       threads=os.cpu_count())  # a CLI run has the process to itself
-    for name in ("seed", "select_fraction", "test_fraction", "input_size"):
-        if getattr(args, name, None) is not None:
-            setattr(req, name, getattr(args, name))
-    return req
-
-
-def cli_command(lab: Lab, args: Any) -> int:
-    """Dispatch ``python app.py train ...`` and ``python app.py models ...``."""
-    if args.command == "train":
-        command = "python app.py " + " ".join(sys.argv[1:])
-        return train_command(lab, request_from_args(args), getattr(args, "results", None), command)
-    version_id, kind = args.to, None
-    if args.action == "promote":
-        if not (args.target or "").isdigit():
-            print("error: give the version id to promote (see `python app.py models list`)")
-            return 2
-        version_id = int(args.target)
-    elif args.action == "rollback":
-        kind = args.target
-    return models_command(lab, args.action, version_id, kind)

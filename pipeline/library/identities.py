@@ -9,9 +9,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from pipeline.context import Lab
-from pipeline.faults import fault_point
-from pipeline.identify import primary_face, quality_gate, stored_face_quality
 from pipeline.errors import Conflict, InvalidRequest, NotFound
+from pipeline.faults import fault_point
+from pipeline.library.identify import primary_face, quality_gate, stored_face_quality
 from pipeline.results import PersonSummary
 from storage.orm import Face, Identity, Image, ReviewStatus, record_audit, utcnow
 
@@ -44,7 +44,7 @@ def _require(session: Session, name: str) -> Identity:
 def enroll(lab: Lab, face_id: int, name: str, user: str = "local", confirm_face: bool = False) -> PersonSummary:
     """Name a face: creates the person when the name is new (names ignore case).
 
-    A box that may not be a face (below the quality gate, ``pipeline.identify``) and that
+    A box that may not be a face (below the quality gate, ``pipeline.library.identify``) and that
     no person has confirmed is refused unless ``confirm_face``: enrolling a hand or a
     torso would make it match every other non-face.
     """
@@ -174,3 +174,19 @@ def _summary(session: Session, person: Identity) -> PersonSummary:
         select(func.count(Face.id), func.max(Face.id)).where(Face.identity_id == person.id)
     ).one()
     return PersonSummary(person.id, person.name, int(count or 0), int(cover) if cover is not None else None)
+
+
+def cover_face(lab: Lab, face_id: int) -> tuple[str, tuple[float, float, float, float]] | None:
+    """The photo (sha256) and box of a person's cover face, or None when it is gone."""
+    with lab.sessions() as session:
+        face = session.get(Face, face_id)
+        return None if face is None else (face.image.sha256, face.box)
+
+
+def image_sha256(lab: Lab, image_id: int) -> str:
+    """The stored photo's sha256 (its name in the image store)."""
+    with lab.sessions() as session:
+        row = session.get(Image, image_id)
+        if row is None:
+            raise InvalidRequest(f"image {image_id} was deleted")
+        return row.sha256

@@ -53,9 +53,9 @@ from models.embedders.factory import create_embedder
 from models.model_files import UntrustedModelFile
 from models.weights_locator import file_sha256
 from pipeline.context import Lab
-from pipeline.embed import faces_without, stored_faces_by_photo
 from pipeline.errors import FaceLabError, InvalidRequest, NotFound
-from pipeline.evaluate import cpu_threads
+from pipeline.library.embed import faces_without, stored_faces_by_photo
+from pipeline.training.evaluate import cpu_threads
 from storage.faiss_index import FaceIndex
 from storage.orm import (
     AuditLog,
@@ -304,7 +304,7 @@ def embed_faces_with(
     """Store ``embedder``'s vectors for these faces (one image read per photo, stored
     boxes and landmarks; missing landmarks come from ``lab.landmarker``, as at ingest).
 
-    Unlike ``pipeline.embed.embed_faces`` this works for any embedder, not only the
+    Unlike ``pipeline.library.embed.embed_faces`` this works for any embedder, not only the
     active one, and leaves every index alone: the caller builds the candidate's index
     from the database afterwards. Committed per image, so a cancel keeps the work done.
     """

@@ -4,17 +4,17 @@ GPU session runs; this module holds the steps.
 
 CPU side (here, from the repo root; writes into the git-ignored ``gpu_payload/``):
 
-    python -m models.training.gpu_train prepare-detector            # face_mask -> YOLO, ~1 s, ~28 MB
-    python -m models.training.gpu_train prepare-embedder            # LFW train half -> chips .npz
-    python -m models.training.gpu_train wheels                      # ultralytics wheels for py3.12
+    python -m tools.gpu_train prepare-detector            # face_mask -> YOLO, ~1 s, ~28 MB
+    python -m tools.gpu_train prepare-embedder            # LFW train half -> chips .npz
+    python -m tools.gpu_train wheels                      # ultralytics wheels for py3.12
 
 GPU side (through the device tool, carry=["gpu_payload"]):
 
-    bash models/training/gpu_train.sh detector     # or: embedder
+    bash tools/gpu_train.sh detector     # or: embedder
 
 Back here (the device tool copies $OUT's files to its files_at folder):
 
-    python -m models.training.gpu_train join FILES_AT --dest models/weights
+    python -m tools.gpu_train join FILES_AT --dest models/weights
 
 Why the parts: the device tool returns at most 8 files of 16 MiB each, and the fp16
 checkpoints are ~22 MB (YOLOv8s) and ~49 MB (ResNet50), so each is split into 15 MiB
@@ -189,7 +189,7 @@ def run_embedder(chips: Path, out: Path, minutes: float, distill_epochs: int, ma
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.training.gpu_train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.gpu_train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 

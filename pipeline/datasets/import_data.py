@@ -1,14 +1,14 @@
 """Import a labelled face dataset (PASCAL VOC, YOLO or COCO) from a zip or a folder.
 
 All or nothing. Phase one reads everything: the archive is checked as a whole
-(``pipeline.archive``: hostile names, links, device files, zip bombs), every annotation
-is parsed (``pipeline.dataset_readers``) and every image is decoded (its pixels are
+(``pipeline.datasets.archive``: hostile names, links, device files, zip bombs), every annotation
+is parsed (``pipeline.datasets.readers``) and every image is decoded (its pixels are
 dropped again) to check that it is an image we accept, that its size agrees with the
 annotation and that every box lies on it. All problems found are reported together,
 naming the file and line. Only a source without any problem reaches phase two: the
 plan (which boxes are new), image files into the same content-addressed store as
 uploads, then every row in one transaction, then embeddings and the index
-(``pipeline.embed.embed_faces``).
+(``pipeline.library.embed.embed_faces``).
 
 Only the row transaction holds ``lab.write_lock`` (the one writer at a time of the whole
 app): parsing, decoding, planning and storing files run before it, so a big import does
@@ -16,7 +16,7 @@ not stop everyone else's saves. Under the lock the plan is checked against the f
 then stored on its images (count, highest id, sum of versions) and made again if anyone
 changed them meanwhile.
 
-Caps (``pipeline.archive.ArchiveLimits``): at most ``max_boxes`` boxes per import
+Caps (``pipeline.datasets.archive.ArchiveLimits``): at most ``max_boxes`` boxes per import
 (250,000; reading stops at the first box over it) and ``max_boxes_per_image`` per image
 (5,000), besides the archive's own limits on files and bytes.
 
@@ -27,7 +27,7 @@ Decisions:
 * Imported faces get ``origin = "import:<format>"`` (the row's provenance) and score
   1.0. Whether a person vouched for the label is ``review_status``: taken from the file
   when FaceLab wrote it, else "pending", so someone else's labels still pass review.
-* A name creates the person if new (names ignore case, as in ``pipeline.identities``).
+* A name creates the person if new (names ignore case, as in ``pipeline.library.identities``).
 * A new image takes its review state (``image_status``: reviewed, skipped ...) from the
   dataset when the dataset gives one (FaceLab's exports do), else it is unreviewed.
 * Re-import never duplicates: an image already stored (same bytes, or same stored
@@ -45,7 +45,6 @@ import hashlib
 import itertools
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -54,9 +53,14 @@ from pathlib import Path
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from pipeline.archive import ArchiveLimits, DatasetSource, UnsafeInput, open_source
 from pipeline.context import Lab
-from pipeline.dataset_readers import (
+from pipeline.datasets.archive import (
+    ArchiveLimits,
+    DatasetSource,
+    UnsafeInput,
+    open_source,
+)
+from pipeline.datasets.readers import (
     FORMATS,
     Findings,
     ImageEntry,
@@ -64,12 +68,12 @@ from pipeline.dataset_readers import (
     LabelBox,
     read_dataset,
 )
-from pipeline.embed import embed_faces
-from pipeline.errors import FaceLabError, InvalidRequest
+from pipeline.errors import InvalidRequest
+from pipeline.library.embed import embed_faces
 from storage.images import ImageRejected, decode_upload
 from storage.orm import Face, Identity, Image, ImageStatus, record_audit
 
-__all__ = ["FORMATS", "BoxDeduper", "ImportRejected", "ImportReport", "import_command", "import_dataset"]
+__all__ = ["FORMATS", "BoxDeduper", "ImportRejected", "ImportReport", "import_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -441,24 +445,3 @@ def import_dataset(lab: Lab, path: Path | str, fmt: str | None = None, *, limits
         progress(1.0, "Done")
     return ImportReport(label, fmt, len({p.meta.sha256 for p in plans}), new_images, len(face_ids), existing,
                         named, created, embedded, notes)
-
-
-def import_command(lab: Lab, path: Path, fmt: str | None = None) -> int:
-    """``python app.py import FILE.zip|FOLDER [--format voc|yolo|coco]``: exit 0, or 1 with the reasons."""
-    from tqdm import tqdm
-
-    with tqdm(total=100, unit="%", desc="Importing") as bar:
-        def progress(fraction: float, text: str) -> None:
-            bar.n = round(fraction * 100)
-            bar.set_postfix_str(text)
-            bar.refresh()
-
-        try:
-            report = import_dataset(lab, path, fmt, progress=progress)
-        except FaceLabError as exc:
-            bar.close()
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    for line in report.lines():
-        print(line)
-    return 0

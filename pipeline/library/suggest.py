@@ -1,5 +1,5 @@
 """Who is this? The nearest enrolled people for faces, from the FAISS index, decided by
-the one rule in ``pipeline.identify``."""
+the one rule in ``pipeline.library.identify``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from sqlalchemy import select
 
 from pipeline.context import Lab
-from pipeline.identify import DecisionRule, decide, decision_rule
+from pipeline.library.identify import DecisionRule, decide, decision_rule
 from pipeline.results import FaceInfo, PersonMatch, Suggestion
 from storage.embedding_rows import gallery_counter
 from storage.faiss_index import FaceIndex

@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.atomic import write_atomically
 from pipeline import auth
 from pipeline.context import Lab
 from pipeline.errors import NotFound
-from common.atomic import write_atomically
 
 #: an unsent export is deleted this long after it was made
 TTL_S = 15 * 60

@@ -1,6 +1,6 @@
 """What the Label tab shows, computed without a browser: one function per UI action.
 
-Each function runs one labeling operation (``pipeline.labeling``) and turns the result
+Each function runs one labeling operation (``pipeline.labeling.edits``) and turns the result
 into plain values the box-annotation component and the side panel take as they are.
 
 Boxes travel through the annotator as ``{"label", "color", "xmin", ...}`` dicts; the
@@ -39,13 +39,13 @@ from typing import Any
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
-from pipeline import labeling
-from pipeline.context import Lab
-from common.boxes import iou
-from pipeline.errors import Conflict, InvalidRequest
 from common.atomic import write_atomically
-from pipeline.labeling import BoxEdit, LabelState, QueueFilter
-from pipeline.views import md
+from common.boxes import iou
+from pipeline.context import Lab
+from pipeline.errors import Conflict, InvalidRequest
+from pipeline.labeling import edits as labeling
+from pipeline.labeling.edits import BoxEdit, LabelState, QueueFilter
+from pipeline.text import md
 from storage.orm import HUMAN_ORIGIN, Face, Identity, ImageStatus
 
 #: the label of an unnamed box, and the first (default) choice in the annotator's pop-up

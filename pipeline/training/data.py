@@ -40,7 +40,7 @@ from sqlalchemy import select
 
 from pipeline.context import Lab
 from pipeline.errors import FaceLabError, InvalidRequest
-from pipeline.evaluate import cpu_threads, pick_centre_face
+from pipeline.training.evaluate import cpu_threads, pick_centre_face
 from storage.orm import Embedding, Face, Identity, Image, ImageStatus, ReviewStatus
 
 ProgressFn = Callable[[dict], None]

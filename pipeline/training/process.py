@@ -1,6 +1,6 @@
 """The process a training job started from the web app runs in.
 
-``pipeline.training.start_training`` starts ``python -m pipeline.training_process`` with
+``pipeline.training.jobs.start_training`` starts ``python -m pipeline.training.process`` with
 the job lock's descriptor and writes a JSON spec to its stdin: the app's settings (so
 the job opens the same data folder and database, with the models in use), the job
 record and the lock. The job then runs exactly as ``python app.py train`` does, in this
@@ -25,9 +25,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main() -> int:
     from pathlib import Path
 
-    from pipeline import registry, training
     from pipeline.context import Lab
     from pipeline.settings import Settings
+    from pipeline.training import jobs as training
+    from pipeline.training import registry
 
     spec = json.loads(sys.stdin.read())
     try:

@@ -1,7 +1,7 @@
 """Search: a photo (or a stored face) in, ranked similar faces and people out.
 
 Every face of the photo is searched, and each says who it is by the one decision rule of
-``pipeline.identify`` (1:N threshold for the current gallery size, face-quality gate).
+``pipeline.library.identify`` (1:N threshold for the current gallery size, face-quality gate).
 The photo's *primary* face (the biggest searchable face, towards the centre) decides
 ``SearchResult.best_person``; bystanders never do. A photo without a face gives an empty
 result, not an error.
@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest, NotFound
-from pipeline.identify import (
+from pipeline.library.identify import (
     decide,
     decision_rule,
     face_quality,
@@ -24,8 +24,8 @@ from pipeline.identify import (
     passes_gate,
     primary_face,
 )
+from pipeline.library.suggest import enrolled_gallery, rank_people
 from pipeline.results import Match, PersonMatch, QueryFace, SearchResult
-from pipeline.suggest import enrolled_gallery, rank_people
 from storage.faiss_index import FaceIndex
 from storage.images import ImageRejected, decode_upload
 from storage.orm import Embedding, Face, Identity

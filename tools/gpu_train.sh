@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The one command a GPU session runs (device tool, from the repo root), per model:
 #
-#   run(command="bash models/training/gpu_train.sh detector", carry=["gpu_payload"], timeout_s=540)
-#   run(command="bash models/training/gpu_train.sh embedder", carry=["gpu_payload"], timeout_s=540)
+#   run(command="bash tools/gpu_train.sh detector", carry=["gpu_payload"], timeout_s=540)
+#   run(command="bash tools/gpu_train.sh embedder", carry=["gpu_payload"], timeout_s=540)
 #
 # Before it, on the CPU machine (repo root; gpu_payload/ must be git-ignored):
-#   python -m models.training.gpu_train wheels             # detector only: ultralytics for py3.12 (~1.5 MB)
-#   python -m models.training.gpu_train prepare-detector   # face_mask train/val -> YOLO (~28 MB, seconds)
-#   python -m models.training.gpu_train prepare-embedder   # LFW train half -> chips + dlib teacher (.npz)
+#   python -m tools.gpu_train wheels             # detector only: ultralytics for py3.12 (~1.5 MB)
+#   python -m tools.gpu_train prepare-detector   # face_mask train/val -> YOLO (~28 MB, seconds)
+#   python -m tools.gpu_train prepare-embedder   # LFW train half -> chips + dlib teacher (.npz)
 # Carry only what the run needs (64 MiB per call): gpu_payload/wheels + gpu_payload/detector
 # for the detector, gpu_payload/embedder for the embedder (carry those paths, not the folder).
 #
 # After it, with the files the tool brought back (its files_at folder):
-#   python -m models.training.gpu_train join FILES_AT --dest models/weights
+#   python -m tools.gpu_train join FILES_AT --dest models/weights
 #
 # Extra arguments go to the run step, e.g. `... detector --minutes 4 --imgsz 800`.
 # MINUTES (default 6) bounds the training itself; add ~1 min for start-up and the
@@ -39,6 +39,6 @@ fi
 {
   nvidia-smi -L || true
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-  python3 -m models.training.gpu_train "run-$what" --out "$OUT" --minutes "${MINUTES:-6}" "$@"
+  python3 -m tools.gpu_train "run-$what" --out "$OUT" --minutes "${MINUTES:-6}" "$@"
 } 2>&1 | tee "$OUT/$what.log"
 ls -la "$OUT"

@@ -20,9 +20,10 @@ from models.attributes.analyzer import FaceAttributes
 from models.attributes.emotion_net import EMOTIONS
 from models.types import FaceBox
 from pipeline.context import Lab
-from pipeline.embed import stored_faces_by_photo
 from pipeline.errors import InvalidRequest
-from storage.orm import Face, FaceAttributes as AttributeRow, Identity
+from pipeline.library.embed import stored_faces_by_photo
+from storage.orm import Face, Identity
+from storage.orm import FaceAttributes as AttributeRow
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def find_faces(lab: Lab, person: str | None = None, emotion: str | None = None, 
                  .outerjoin(Identity, Face.identity_id == Identity.id))
         if person:
             from pipeline.errors import NotFound
-            from pipeline.identities import clean_name
+            from pipeline.library.identities import clean_name
 
             name = clean_name(person)
             ident = session.scalars(select(Identity.id).where(func.lower(Identity.name) == name.lower())).one_or_none()

@@ -33,10 +33,10 @@ from sqlalchemy.orm import Session
 from models.types import FaceBox
 from pipeline.context import Lab
 from pipeline.errors import Conflict, InvalidRequest, NotFound
-from pipeline.identities import clean_name
+from pipeline.library.identify import stored_face_quality
+from pipeline.library.identities import clean_name
+from pipeline.library.suggest import nearest_people
 from pipeline.results import PersonMatch
-from pipeline.identify import stored_face_quality
-from pipeline.suggest import nearest_people
 from storage.orm import (
     HUMAN_ORIGIN,
     AuditLog,
@@ -50,7 +50,6 @@ from storage.orm import (
     record_audit,
     utcnow,
 )
-
 
 #: pixels; the annotator sends whole-pixel coordinates, so a stored sub-pixel detector
 #: box comes back rounded. Within this distance on every side a box counts as unmoved.

@@ -10,7 +10,7 @@ The database is the source of truth. Problems and what --repair does:
 - temp files left by a write that did not finish (``.tmp-*``, ``.*.tmp``, ``*.part``
   anywhere in the data folder: image store, index, exports): reported when older than
   ``STALE_TEMP_S``; --repair deletes them all (run it while nothing else writes);
-- dataset exports nobody fetched in time (``pipeline.downloads``): reported, deleted;
+- dataset exports nobody fetched in time (``pipeline.datasets.downloads``): reported, deleted;
 - faces without an embedding from the active embedder: embedded;
 - embeddings of the active version whose size is not the embedder's: deleted and
   re-embedded (they would stop the index from loading);
@@ -97,7 +97,7 @@ def check(lab: Lab, repair: bool = False) -> CheckReport:
     if unembedded:
         report.problems.append(f"{len(unembedded)} face(s) have no {version} embedding")
         if repair:
-            from pipeline.embed import embed_faces
+            from pipeline.library.embed import embed_faces
 
             embed_faces(lab, list(unembedded))
             report.repaired.append(f"embedded {len(unembedded)} face(s)")
@@ -174,7 +174,7 @@ def temp_files(lab: Lab) -> list[Path]:
 
 
 def _check_temp_files(lab: Lab, report: CheckReport, repair: bool) -> None:
-    from pipeline import downloads
+    from pipeline.datasets import downloads
 
     now = time.time()
     temps = temp_files(lab)

@@ -47,7 +47,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from pipeline.context import Lab
 from pipeline.errors import Conflict, InvalidRequest, NotFound
 from pipeline.faults import fault_point
-from pipeline.identities import clean_name
+from pipeline.library.identities import clean_name
 from storage.faiss_index import FaceIndex
 from storage.orm import AuditLog, Face, Identity, Image, LabelRevision, record_audit
 
@@ -181,9 +181,9 @@ def _after_commit(lab: Lab, face_ids: list[int], shas: list[str], touched: set[s
 
 def purge_transient_files(lab: Lab) -> int:
     """Delete files that may show anyone and that no row points to: every dataset export
-    not fetched yet (``pipeline.downloads``) and every uploaded dataset archive still in
+    not fetched yet (``pipeline.datasets.downloads``) and every uploaded dataset archive still in
     the web UI's folder (an import deletes its own when done). Returns how many went."""
-    from pipeline import downloads
+    from pipeline.datasets import downloads
 
     removed = downloads.purge(lab, everything=True)
     cache = Path(lab.settings.ui_cache_dir)

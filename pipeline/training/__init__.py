@@ -1,0 +1,1 @@
+"""Training: jobs (``jobs``) run in their own process (``process``, ``run``) on splits built from the labels (``data``), evaluated (``evaluate``) and registered, promoted or rolled back (``registry``)."""
