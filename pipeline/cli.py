@@ -7,7 +7,8 @@ from __future__ import annotations
 import getpass
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,19 @@ from pipeline.training.jobs import (
     export_results,
     run_in_foreground,
 )
+
+
+@contextmanager
+def percent_bar(desc: str) -> Iterator[Callable[[float, str], None]]:
+    """A terminal progress bar in percent, as the ``progress(fraction, text)`` callback
+    every long pipeline operation takes."""
+    with tqdm(total=100, unit="%", desc=desc) as bar:
+        def progress(fraction: float, text: str) -> None:
+            bar.n = round(fraction * 100)
+            bar.set_postfix_str(text)
+            bar.refresh()
+
+        yield progress
 
 
 def ingest_command(lab: Lab, paths: Sequence[Path], chunk: int = 64) -> int:
@@ -81,12 +95,7 @@ def embed_missing_command(lab: Lab) -> int:
     if not missing:
         return 0
     print(f"{missing} face(s) have no {lab.model_version} embedding yet (new embedder?): embedding them now")
-    with tqdm(total=100, unit="%", desc="Re-embedding") as bar:
-        def progress(fraction: float, text: str) -> None:
-            bar.n = round(fraction * 100)
-            bar.set_postfix_str(text)
-            bar.refresh()
-
+    with percent_bar("Re-embedding") as progress:
         return embed_missing(lab, progress)
 
 
@@ -106,12 +115,7 @@ def attributes_missing_command(lab: Lab) -> int:
     if not missing:
         return 0
     print(f"{missing} face(s) have no {attribute_version(lab)} attributes yet (new attribute models?): computing them")
-    with tqdm(total=100, unit="%", desc="Face attributes") as bar:
-        def progress(fraction: float, text: str) -> None:
-            bar.n = round(fraction * 100)
-            bar.set_postfix_str(text)
-            bar.refresh()
-
+    with percent_bar("Face attributes") as progress:
         try:
             return compute_missing(lab, progress)
         except Exception as exc:  # noqa: BLE001 - e.g. a damaged weights file: serve without attributes
@@ -124,12 +128,7 @@ def attributes_missing_command(lab: Lab) -> int:
 
 def export_command(lab: Lab, fmt: str, out: Path, selection: str = "all") -> int:
     """``python app.py export FORMAT OUT.zip [--reviewed]``: exit 0, or 1 with the reason."""
-    with tqdm(total=100, unit="%", desc="Exporting") as bar:
-        def progress(fraction: float, text: str) -> None:
-            bar.n = round(fraction * 100)
-            bar.set_postfix_str(text)
-            bar.refresh()
-
+    with percent_bar("Exporting") as progress:
         try:
             report = export_dataset(lab, fmt, out, selection, progress)
         except FaceLabError as exc:
@@ -141,18 +140,12 @@ def export_command(lab: Lab, fmt: str, out: Path, selection: str = "all") -> int
 
 def import_command(lab: Lab, path: Path, fmt: str | None = None) -> int:
     """``python app.py import FILE.zip|FOLDER [--format voc|yolo|coco]``: exit 0, or 1 with the reasons."""
-    with tqdm(total=100, unit="%", desc="Importing") as bar:
-        def progress(fraction: float, text: str) -> None:
-            bar.n = round(fraction * 100)
-            bar.set_postfix_str(text)
-            bar.refresh()
-
-        try:
+    try:
+        with percent_bar("Importing") as progress:
             report = import_dataset(lab, path, fmt, progress=progress)
-        except FaceLabError as exc:
-            bar.close()
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+    except FaceLabError as exc:  # after the bar has closed, so the reason is on its own line
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     for line in report.lines():
         print(line)
     return 0
@@ -242,12 +235,7 @@ def models_command(lab: Lab, action: str, version_id: int | None = None, kind: s
                 info = registry.active_version(lab, k)
                 print(f"{k} in use: {info.label() if info else registry.in_use_spec(lab, k) + ' (settings default)'}")
             return 0
-        with tqdm(total=100, unit="%", desc=action.capitalize()) as bar:
-            def progress(fraction: float, text: str) -> None:
-                bar.n = round(100 * fraction)
-                bar.set_postfix_str(text)
-                bar.refresh()
-
+        with percent_bar(action.capitalize()) as progress:
             if action == "promote":
                 if version_id is None:
                     raise InvalidRequest("Give the version id to promote (see `python app.py models list`).")

@@ -59,7 +59,7 @@ from pipeline.settings import REPO_ROOT
 from pipeline.training import registry
 from pipeline.training.data import CHIP_PADDING, JobCancelled
 from pipeline.training.evaluate import Comparison, EvaluationStopped
-from pipeline.training.run import RunOutcome, run_training, start_point
+from pipeline.training.run import RunOutcome, has_cuda, run_training, start_point
 from storage.orm import Face, Image, ReviewStatus
 
 log = logging.getLogger(__name__)
@@ -77,15 +77,6 @@ __all__ = ["ARCHITECTURES", "JobCancelled", "JobRecord", "JobReporter", "RunOutc
 
 
 # ============================================================================ requests
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:  # noqa: BLE001 - no torch, no GPU
-        return False
 
 
 @dataclass
@@ -150,7 +141,7 @@ class TrainRequest:
                     f"one of {', '.join(ARCHITECTURES)}, or fine-tunes a version registered by FaceLab.")
         if self.model_path and not Path(self.model_path).expanduser().is_file():
             raise InvalidRequest(f"No checkpoint file at {self.model_path}.")
-        gpu = (self.device or "").startswith(("cuda", "0")) or (self.device is None and _has_cuda())
+        gpu = (self.device or "").startswith(("cuda", "0")) or (self.device is None and has_cuda())
         r = TrainRequest(**asdict(self))
         if self.kind == "detector":
             if not (r.init_version is not None or r.model_path):

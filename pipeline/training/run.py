@@ -124,7 +124,7 @@ def _torch_threads() -> int:
     return int(torch.get_num_threads())
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
     try:
         import torch
 
@@ -219,7 +219,7 @@ class DetectorRun(TrainingRun):
         from models.training.detector_trainer import DetectorTrainConfig, train_detector
 
         req = self.req
-        cpu = not _has_cuda() if req.device is None else req.device == "cpu"
+        cpu = not has_cuda() if req.device is None else req.device == "cpu"
         config = DetectorTrainConfig(
             project=self.run_dir / "work", name="train", model=self.start.model, model_sha256=self.start.sha256,
             epochs=req.epochs, imgsz=req.imgsz, batch=req.batch, device=req.device, workers=0 if cpu else 8,
