@@ -52,5 +52,7 @@ def test_detect_returns_attributes_for_the_astronaut(app_url: str, tmp_path: Pat
     _, none, _ = client.predict("Eileen Collins", other, "any", None, None, api_name="/find_faces")
     assert none["data"] in ([], [[""] * len(none["headers"])], [[None] * len(none["headers"])]) or not any(
         any(c not in ("", None) for c in r) for r in none["data"])
-    _, results, search_message = client.predict(handle_file(str(photo)), 5, 0.0, face["emotion"], api_name="/search")
+    # /search inputs: photo, k, fixed threshold, automatic threshold?, embeddings in details?, emotion
+    _, results, search_message, _ = client.predict(handle_file(str(photo)), 5, 0.0, False, False, face["emotion"],
+                                                   api_name="/search")
     assert results["data"][0][4] == face["face id"] and f"emotion is {face['emotion']}" in search_message

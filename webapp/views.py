@@ -336,7 +336,7 @@ def find_faces(lab: Lab, person: str | None, emotion: str | None, gender: str | 
     message = f"{len(found)} face(s) {who}match" + (f" (the newest {limit} shown)" if len(found) >= limit else "") + "."
     if note := face_attributes.missing_note(lab):
         message += f" {md(note)}"
-    return PeopleView(gallery, rows, message)
+    return PeopleView(gallery, rows, message, [])
 
 
 def rename_person(lab: Lab, old: str, new: str, user: str = "local") -> str:
