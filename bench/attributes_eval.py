@@ -38,7 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from models.attributes.analyzer import AGE_GENDER_WEIGHTS, EMOTION_WEIGHTS, FaceAttributeModel  # noqa: E402
+from models.attributes.analyzer import (  # noqa: E402
+    AGE_GENDER_WEIGHTS,
+    EMOTION_MIN_CONFIDENCE,
+    EMOTION_WEIGHTS,
+    FaceAttributeModel,
+)
 from models.attributes.emotion_net import EMOTIONS, predict_proba  # noqa: E402
 from models.attributes.framing import fer_frames  # noqa: E402
 from models.evaluation import attributes as ev  # noqa: E402
@@ -69,6 +74,11 @@ def eval_fer(model: FaceAttributeModel, fer_root: Path, cache_dir: Path, seed_bo
         "app_path_detector_box": ev.classification_report(labels[found], app[found], EMOTIONS),
         "app_path_seed_box": ev.classification_report(labels[~found], app[~found], EMOTIONS),
         "native_on_detector_box_faces": float((native[found].argmax(1) == labels[found]).mean()),
+        # what the app shows: an emotion only at or above the confidence floor, else "unsure"
+        "named_at_floor": {"floor": EMOTION_MIN_CONFIDENCE, **{
+            name: {"named_fraction": float((p.max(1) >= EMOTION_MIN_CONFIDENCE).mean()),
+                   "accuracy_of_named": float((p.argmax(1) == labels)[p.max(1) >= EMOTION_MIN_CONFIDENCE].mean())}
+            for name, p in (("native_framing", native), ("app_path", app))}},
         "detector_found_face": int(found.sum()), "app_path_seconds": round(time.time() - t0, 1),
     }
     return out

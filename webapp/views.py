@@ -18,7 +18,7 @@ from pipeline.context import Lab
 from pipeline.errors import InvalidRequest
 from pipeline.library import attributes as face_attributes
 from pipeline.library import identities
-from pipeline.library.attributes import EMOTIONS, FaceAttributes
+from pipeline.library.attributes import EMOTIONS, UNSURE, FaceAttributes
 from pipeline.library.ingest import ImageRejected, Upload, ingest, read_regular_file
 from pipeline.library.search import search_image
 from pipeline.results import FaceInfo, IngestReport, SearchResult
@@ -125,7 +125,7 @@ def is_it_a_face(face: FaceInfo) -> str:
 #: table columns for a face's attributes (Detect, Search and People tables end with them)
 ATTRIBUTE_HEADERS = ["emotion", "emotion p", "age", "gender", "gender p"]
 #: the emotion filter's choices (Search, People)
-EMOTION_CHOICES = ["any", *EMOTIONS]
+EMOTION_CHOICES = ["any", *EMOTIONS, UNSURE]  # unsure: the model names no emotion (below its confidence floor)
 
 
 def attribute_cells(a: FaceAttributes | None) -> list[object]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from sqlalchemy import func, select
 
-from models.attributes.analyzer import FaceAttributes
+from models.attributes.analyzer import UNSURE, FaceAttributes
 from models.attributes.emotion_net import EMOTIONS
 from models.types import FaceBox
 from pipeline.context import Lab
@@ -132,8 +132,8 @@ def check_filter(emotion: str | None = None, gender: str | None = None,
     """Normalised (emotion, gender); "any", "" and None mean no filter."""
     emotion = (emotion or ANY).strip().lower()
     gender = (gender or ANY).strip().lower()
-    if emotion != ANY and emotion not in EMOTIONS:
-        raise InvalidRequest(f"unknown emotion {emotion!r}; choose one of: {ANY}, {', '.join(EMOTIONS)}")
+    if emotion != ANY and emotion not in (*EMOTIONS, UNSURE):
+        raise InvalidRequest(f"unknown emotion {emotion!r}; choose one of: {ANY}, {', '.join(EMOTIONS)}, {UNSURE}")
     if gender != ANY and gender not in GENDERS:
         raise InvalidRequest(f"unknown gender {gender!r}; choose one of: {ANY}, {', '.join(GENDERS)}")
     for name, v in (("minimum age", min_age), ("maximum age", max_age)):
