@@ -640,6 +640,16 @@ class FaceIndex:
                 raise KeyError(int(np.asarray(face_ids).reshape(-1)[np.argmax(at < 0)]))
             return self._store.vectors()[at].copy() if len(at) else np.zeros((0, self.dim), np.float32)
 
+    def held_vectors(self, face_ids: np.ndarray | list[int]) -> tuple[list[int], np.ndarray]:
+        """The ids of ``face_ids`` this index still holds and their vectors, read together
+        under one lock: a removal by another thread cannot fall between the two."""
+        with self._lock.read():
+            pos = self._store.pos
+            kept = [int(f) for f in np.asarray(face_ids).reshape(-1).tolist() if int(f) in pos]
+            at = np.asarray([pos[f] for f in kept], dtype=np.int64)
+            vectors = self._store.vectors()[at].copy() if len(at) else np.zeros((0, self.dim), np.float32)
+            return kept, vectors
+
     def reconstruct(self, face_id: int) -> np.ndarray:
         """The stored (normalised) vector for ``face_id``; KeyError if absent."""
         with self._lock.read():

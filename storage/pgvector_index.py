@@ -205,6 +205,18 @@ class PgVectorIndex:
     def reconstruct(self, face_id: int) -> np.ndarray:
         return self.reconstruct_many([face_id])[0]
 
+    def held_vectors(self, face_ids: np.ndarray | list[int]) -> tuple[list[int], np.ndarray]:
+        """The ids of ``face_ids`` that have a vector, and those vectors (one query)."""
+        ids = [int(i) for i in np.asarray(face_ids, dtype=np.int64).reshape(-1)]
+        with self.engine.connect() as conn:
+            got = dict(conn.execute(text(f"SELECT face_id, vector FROM embeddings WHERE {self._where} "
+                                         "AND face_id = ANY(:ids)"), {"ids": ids}).all()) if ids else {}
+        kept = [i for i in ids if i in got]
+        if not kept:
+            return [], np.zeros((0, self.dim), np.float32)
+        out = np.stack([np.frombuffer(got[i], dtype=VECTOR_DTYPE) for i in kept]).astype(np.float32)
+        return kept, out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
     # -- writers: the database rows are the index ----------------------------------------
 
     def add(self, ids: Any, vectors: Any, row_ids: Any = None, *, keep_newer: bool = False) -> int:

@@ -523,3 +523,19 @@ def test_changes_during_a_rebuild_are_replayed_onto_the_new_structure(rng) -> No
     assert index.search(extra[1], 1)[1][0] == 7002
     assert ids[200] not in index.search(vecs[200], 10)[1]
     assert index._store.dead == 1  # only the removal made during the build
+
+
+def test_held_vectors_reads_ids_and_vectors_together() -> None:
+    """What a search reads after a concurrent delete: only the ids still held, with their
+    vectors, never a KeyError (the CI run of test_concurrency found the two-step read racing)."""
+    from storage.faiss_index import FaceIndex
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(5, 8)).astype(np.float32)
+    index = FaceIndex("held-test", 8)
+    index.add(np.arange(1, 6, dtype=np.int64), vectors, np.arange(11, 16, dtype=np.int64))
+    index.remove([3])
+    kept, got = index.held_vectors([1, 3, 5, 99])
+    assert kept == [1, 5] and got.shape == (2, 8)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert np.allclose(got, unit[[0, 4]], atol=1e-6)

@@ -75,11 +75,11 @@ class NamedGroup:
 def _vectors(lab: Lab, face_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, unit vectors)`` for the faces the index holds (others are dropped)."""
     index = lab.index()
-    asked = np.asarray([int(i) for i in face_ids], dtype=np.int64)
-    ids = asked[index.present(asked)] if len(asked) else asked
-    if not len(ids):
+    # ids and vectors in one read: a delete by another thread cannot fall in between
+    kept, vectors = index.held_vectors([int(i) for i in face_ids])
+    if not kept:
         return np.zeros(0, np.int64), np.zeros((0, lab.embedder.dim), np.float32)
-    return ids, index.reconstruct_many(ids).astype(np.float32)
+    return np.asarray(kept, dtype=np.int64), vectors.astype(np.float32)
 
 
 def _neighbours(lab: Lab, ids: np.ndarray, vectors: np.ndarray, threshold: float,

@@ -126,9 +126,9 @@ def _similar_faces(lab: Lab, index: FaceIndex, vectors: np.ndarray, k: int, deci
         rows = {f.id: (f, name, is_confirmed(f)) for f, name in session.execute(
             select(Face, Identity.name).outerjoin(Identity, Face.identity_id == Identity.id).where(Face.id.in_(wanted))
         ).all()}
-    present = [f for f in wanted if f in rows]
-    present = [f for f, ok in zip(present, index.present(present), strict=True) if ok]  # not removed since
-    quality = face_quality(lab, index.reconstruct_many(present), [rows[f][0].box for f in present])
+    # still in the index (a delete may have run since the search): ids and vectors in one read
+    present, vectors = index.held_vectors([f for f in wanted if f in rows])
+    quality = face_quality(lab, vectors, [rows[f][0].box for f in present])
     usable = {f: rows[f][2] or passes_gate(lab, float(quality[i]) if quality is not None else None)
               for i, f in enumerate(present)}
     out = []
