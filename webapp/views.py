@@ -238,7 +238,7 @@ def search(lab: Lab, path: str | Path | None, k: int, threshold: float | None,
                                                                and attrs[m.face_id].emotion == wanted)][:k]
     for rank, match in enumerate(matches, start=1):
         if match.image_id not in cache:
-            sha = lab_image_sha(lab, match.image_id)
+            sha = identities.image_sha256(lab, match.image_id)
             cache[match.image_id] = sha, lab.images.open(sha)
         sha, image = cache[match.image_id]
         name = match.name or "unnamed"
@@ -287,10 +287,6 @@ def search_details(result: SearchResult) -> dict:
             "primary": result.primary, "faces": faces}
 
 
-def lab_image_sha(lab: Lab, image_id: int) -> str:
-    return identities.image_sha256(lab, image_id)
-
-
 # -- People tab -------------------------------------------------------------------------
 def people(lab: Lab) -> PeopleView:
     everyone = identities.list_people(lab)
@@ -326,11 +322,14 @@ def find_faces(lab: Lab, person: str | None, emotion: str | None, gender: str | 
                                        limit=limit)
     gallery: list[Caption] = []
     rows: list[list[object]] = []
-    shas: dict[int, str] = {}
+    photos: dict[int, tuple[str, np.ndarray]] = {}  # each photo looked up and decoded once
     for face_id, image_id, box, name, a in found:
-        sha = shas.setdefault(image_id, lab_image_sha(lab, image_id))
+        if image_id not in photos:
+            sha = identities.image_sha256(lab, image_id)
+            photos[image_id] = sha, lab.images.open(sha)
+        sha, image = photos[image_id]
         caption = f"#{face_id}" + (f" · {name}" if name else "") + (f" · {a.summary()}" if a and a.summary() else "")
-        gallery.append((picture_file(lab, face_crop(lab.images.open(sha), box), sha), caption))
+        gallery.append((picture_file(lab, face_crop(image, box), sha), caption))
         rows.append([face_id, image_id, name or "", *attribute_cells(a)])
     who = f"of **{md(person.strip())}** " if person and person.strip() else ""
     message = f"{len(found)} face(s) {who}match" + (f" (the newest {limit} shown)" if len(found) >= limit else "") + "."

@@ -34,7 +34,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -782,10 +781,3 @@ def comparison_lines(name: str, comparison: Comparison) -> list[str]:
         cells = " | ".join("-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in values)
         lines.append(f"  {metric} [{data}]: {cells}")
     return lines
-
-
-def parse_minutes(value: str | float | None) -> float | None:
-    if value in (None, ""):
-        return None
-    v = float(value)
-    return v if math.isfinite(v) and v > 0 else None
