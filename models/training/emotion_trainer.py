@@ -67,6 +67,8 @@ class EmotionTrainConfig:
     select_fraction: float = 0.10
     seed: int = 17
     threads: int = 1
+    #: start from these weights (another run's best.pt/last.pt), not from random ones
+    init_from: str | None = None
     #: augmentation
     max_shift_px: float = 4.0
     max_rotation_deg: float = 15.0
@@ -164,6 +166,9 @@ def train(fer_root: Path, out: Path, cfg: EmotionTrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     net = EmotionNet(cfg.width, dropout=cfg.dropout).to(memory_format=torch.channels_last)
+    if cfg.init_from and not (out / "last.pt").is_file():
+        net.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=True)["model"])
+        log.info("initialised from %s", cfg.init_from)
     opt = torch.optim.SGD(_param_groups(net, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     steps_per_epoch = len(keep) // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
@@ -227,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log); outside the repo")
     ap.add_argument("--epochs", type=int, default=EmotionTrainConfig.epochs)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--width", type=int, default=EmotionTrainConfig.width)
+    ap.add_argument("--init", type=Path, help="start from another run's best.pt/last.pt weights (same width)")
     ap.add_argument("--export", type=Path, help="after training, write best.pt as fp16 app weights here")
     ap.add_argument("--framing", type=Path, default=Path("docs/results/fer_framing.json"),
                     help="bench/fit_fer_framing.py's result; its framing goes into the exported weights")
@@ -234,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         handlers=[logging.FileHandler(args.out / "train.log"), logging.StreamHandler()])
-    cfg = EmotionTrainConfig(epochs=args.epochs, threads=args.threads)
+    cfg = EmotionTrainConfig(epochs=args.epochs, threads=args.threads, width=args.width,
+                             init_from=str(args.init.expanduser()) if args.init else None)
     result = train(args.fer.expanduser(), args.out.expanduser(), cfg)
     log.info("finished: best select accuracy %.4f", result["best_select_accuracy"])
     if args.export:
