@@ -192,37 +192,61 @@ def policy(flat: bool):  # noqa: ANN201
 
 
 def bench_ingest(n: int, settings_kwargs: dict) -> dict:
+    """Four ingest paths, interleaved batch by batch on the same photos:
+
+    * ``old``: before #18 (no face attributes existed then);
+    * ``new``: today's batched path with face attributes switched off (like for like);
+    * ``new_attributes``: as the app ships (emotion, age, gender per face), the age/gender
+      model continuing from the embedding pass's dlib activations;
+    * ``new_attributes_unshared``: the same, with the age/gender model running dlib's
+      front itself (how #17 first wired it)."""
+    import pipeline.library.ingest as ingest_module
     from pipeline.library.ingest import Upload, ingest
     from storage.images import decode_upload
 
     photos = _photos(n)
     uploads = [Upload(name, data=data) for name, data in photos]
-    with tempfile.TemporaryDirectory() as t_old, tempfile.TemporaryDirectory() as t_new:
-        old, new = open_lab(Path(t_old), settings_kwargs, old=True), open_lab(Path(t_new), settings_kwargs, old=False)
+    paths = ("old", "new", "new_attributes", "new_attributes_unshared")
+    with tempfile.TemporaryDirectory() as tmp:
+        labs = {}
+        for name in paths:
+            kwargs = {**settings_kwargs, "attributes": name.startswith("new_attributes")}
+            labs[name] = open_lab(Path(tmp) / name, kwargs, old=name == "old")
         warm = decode_upload(photos[0][1], photos[0][0]).rgb
-        for lab in (old, new):  # load every model before timing
-            lab.embedder.embed(warm, lab.landmarker.predict(warm, lab.detector.detect(warm)))
-        times: dict[str, dict[str, list[float]]] = {"old": {}, "new": {}}
-        faces = {"old": 0, "new": 0}
-        batch = max(1, new.settings.batch_size)
+        for lab in labs.values():  # load every model before timing
+            boxes = lab.landmarker.predict(warm, lab.detector.detect(warm))
+            lab.embedder.embed(warm, boxes)
+            if lab.attributes is not None:
+                lab.attributes.predict(warm, boxes)
+        times: dict[str, dict[str, list[float]]] = {name: {} for name in paths}
+        faces = dict.fromkeys(paths, 0)
+        batch = max(1, labs["new"].settings.batch_size)
+        real_cut = ingest_module.shared_trunk_cut
         for start in range(0, len(uploads), batch):
             chunk = uploads[start : start + batch]
             with policy(flat=True), clock(times["old"]):
-                faces["old"] += sum(len(r.faces) for r in old_ingest(old, chunk))
-            with clock(times["new"]):
-                faces["new"] += ingest(new, chunk).face_count
-        embed = bench_embed(old, new, [decode_upload(d, nm).rgb for nm, d in photos])
-        old.close()
-        new.close()
+                faces["old"] += sum(len(r.faces) for r in old_ingest(labs["old"], chunk))
+            for name in paths[1:]:
+                ingest_module.shared_trunk_cut = (lambda lab: None) if name.endswith("unshared") else real_cut
+                try:
+                    with clock(times[name]):
+                        faces[name] += ingest(labs[name], chunk).face_count
+                finally:
+                    ingest_module.shared_trunk_cut = real_cut
+        embed = bench_embed(labs["old"], labs["new"], [decode_upload(d, nm).rgb for nm, d in photos])
+        for lab in labs.values():
+            lab.close()
     out = {"photos": len(photos), "faces": faces, "batch_size": batch,
            "source": "face_mask val" if (SHARED / "face_mask").is_dir() else "generated"}
-    for path in ("old", "new"):
+    for path in paths:
         wall, cpu = sum(times[path]["wall"]), sum(times[path]["cpu"])
         out[path] = {"photos_per_s": len(photos) / wall, "photos_per_cpu_s": len(photos) / cpu,
                      "wall_s": wall, "cpu_s": cpu}
     out["ratio_new_to_old_photos_per_s"] = out["new"]["photos_per_s"] / out["old"]["photos_per_s"]
     out["ratio_new_to_old_photos_per_cpu_s"] = out["new"]["photos_per_cpu_s"] / out["old"]["photos_per_cpu_s"]
-    out["estimate_two_idle_cores_photos_per_s"] = 2 * out["new"]["photos_per_cpu_s"]
+    out["ratio_shared_to_unshared_attributes_photos_per_cpu_s"] = (
+        out["new_attributes"]["photos_per_cpu_s"] / out["new_attributes_unshared"]["photos_per_cpu_s"])
+    out["estimate_two_idle_cores_photos_per_s"] = {p: 2 * out[p]["photos_per_cpu_s"] for p in paths}
     out["estimate_note"] = ("2 x photos per CPU-second: two single-threaded ingest processes on two otherwise "
                             "idle cores, if nothing but CPU limits them (an estimate, not a measurement)")
     out["embed"] = embed

@@ -126,6 +126,36 @@ def test_missing_weights_name_the_file_and_nothing_is_made_up(tmp_path: Path) ->
     assert half.version.startswith("attr-emonone-ag")
 
 
+def test_age_gender_from_the_embedders_activations_match_the_standalone_path(model: FaceAttributeModel) -> None:
+    """Ingest hands the embedding pass's dlib activations to the age/gender tail instead of
+    running dlib's front twice: the vectors must not change, and the answers must be the
+    standalone path's (the chips differ only by the aligner: OpenCV vs dlib's sampler)."""
+    from models.embedders.dlib_resnet import DlibEmbedder
+
+    img, boxes = _astronaut_boxes()
+    coffee = skdata.coffee()  # no face: a photo without boxes in the same batch
+    embedder = DlibEmbedder(flip=True)
+    cut = model.trunk_cut_for(embedder.network_version, embedder.flip)
+    assert cut is not None and model.trunk_cut_for(embedder.network_version, flip=False) is None
+    assert model.trunk_cut_for("dlib-000000000000", True) is None
+    mirrored = np.ascontiguousarray(img[:, ::-1])
+    items = [(coffee, []), (img, boxes),
+             (mirrored, embedder.with_landmarks(mirrored, [FaceBox(512 - b.x2, b.y1, 512 - b.x1, b.y2) for b in boxes]))]
+    plain = embedder.embed_many(items)
+    vectors, trunks = embedder.embed_many_keeping(items, cut)
+    for a, b in zip(plain, vectors, strict=True):
+        assert a.shape == b.shape and (a.size == 0 or np.abs(a - b).max() < 1e-5)
+    assert len(trunks[0][0]) == 0 and len(trunks[1][0]) == len(boxes) == len(trunks[1][1])
+    for (image, bxs), trunk in zip(items[1:], trunks[1:], strict=True):
+        (shared,) = model.predict(image, bxs, trunk=trunk)
+        (alone,) = model.predict(image, bxs)
+        assert shared.gender == alone.gender and abs(shared.gender_confidence - alone.gender_confidence) < 0.02
+        assert abs(shared.age - alone.age) < 1.0
+        assert shared.emotion_probs == alone.emotion_probs  # the emotion net never used the trunk
+    with pytest.raises(Exception, match="trunk activations"):
+        model.predict(img, boxes, trunk=(trunks[1][0][:0], trunks[1][1][:0]))
+
+
 # -- pipeline ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, database_url: str):

@@ -219,7 +219,21 @@ class FaceAttributeModel(InferenceModel):
                 + ". See docs/attributes.md.")
 
     # -- inference -----------------------------------------------------------------------
-    def predict(self, image: np.ndarray, boxes: Sequence[FaceBox]) -> list[FaceAttributes]:
+    def trunk_cut_for(self, network_version: str, flip: bool) -> int | None:
+        """Where the age/gender model joins dlib's network, if an embedder running that
+        network (``network_version``, e.g. ``dlib-55533b28a958``) with the same mirroring
+        can hand over its activations there (``predict(..., trunk=)``), so the front of
+        the network runs once per face instead of twice; else None."""
+        self.load()
+        if self._age_gender is None or bool(flip) != self.flip or network_version != self._age_gender.meta["dlib_version"]:
+            return None
+        return int(self._age_gender.net.cut)
+
+    def predict(self, image: np.ndarray, boxes: Sequence[FaceBox],
+                trunk: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> list[FaceAttributes]:
+        """Attributes per box. ``trunk``: the dlib activations at ``trunk_cut_for(...)`` of
+        these boxes' plain and mirrored chips, as the embedder computed them (ingest);
+        without it the age/gender model runs dlib's front itself."""
         self.load()
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ModelInputError(f"expected an HxWx3 uint8 RGB image, got {getattr(image, 'shape', None)}")
@@ -231,7 +245,7 @@ class FaceAttributeModel(InferenceModel):
             for i, b in zip(missing, self.landmark_detector.predict(image, [boxes[i] for i in missing])):
                 boxes[i] = b
         emo = self._emotions(image, boxes) if self._emotion else None
-        ag = self._ages_genders(image, boxes) if self._age_gender else None
+        ag = self._ages_genders(image, boxes, trunk) if self._age_gender else None
         out = []
         for i in range(len(boxes)):
             kw: dict = {}
@@ -255,17 +269,24 @@ class FaceAttributeModel(InferenceModel):
         return predict_proba(self._emotion.net, torch.from_numpy(frames).unsqueeze(1), flip=self.flip).numpy()
 
     @torch.inference_mode()
-    def _ages_genders(self, image: np.ndarray, boxes: list[FaceBox]) -> tuple[np.ndarray, np.ndarray]:
+    def _ages_genders(self, image: np.ndarray, boxes: list[FaceBox],
+                      trunk: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         from models.embedders.dlib_resnet import CHIP_PADDING, CHIP_SIZE
 
-        views = [face_chips(image, boxes, CHIP_SIZE, CHIP_PADDING)]
-        if self.flip:
-            views.append(face_chips(image[:, ::-1], mirror_boxes(boxes, image.shape[1]), CHIP_SIZE, CHIP_PADDING))
         net, cut = self._dlib, self._age_gender.net.cut
+        if trunk is not None:
+            fronts = [t for t in trunk[: 2 if self.flip else 1]]
+            if any(t is None or len(t) != len(boxes) for t in fronts):
+                raise ModelInputError(f"trunk activations for {[None if t is None else len(t) for t in fronts]} "
+                                      f"faces, {len(boxes)} boxes")
+        else:
+            views = [face_chips(image, boxes, CHIP_SIZE, CHIP_PADDING)]
+            if self.flip:
+                views.append(face_chips(image[:, ::-1], mirror_boxes(boxes, image.shape[1]), CHIP_SIZE, CHIP_PADDING))
+            fronts = [net.run_ops((torch.from_numpy(np.ascontiguousarray(c)).permute(0, 3, 1, 2).float() - net.mean)
+                                  / 256.0, 0, cut) for c in views]
         ages, females = [], []
-        for chips in views:
-            x = torch.from_numpy(np.ascontiguousarray(chips)).permute(0, 3, 1, 2).float()
-            a = net.run_ops((x - net.mean) / 256.0, 0, cut)
+        for a in fronts:
             logits, g = self._age_gender.net(a)
             ages.append(expected_age(logits).numpy())
             females.append(torch.sigmoid(g).numpy())

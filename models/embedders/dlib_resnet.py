@@ -282,9 +282,14 @@ class DlibEmbedder(FaceEmbedder):
 
     @property
     def version(self) -> str:
+        return self.network_version + ("-flip" if self.flip else "")
+
+    @property
+    def network_version(self) -> str:
+        """The network file alone (``dlib-<sha256 prefix>``), whatever the mirroring."""
         if self._sha is None:
             self._sha = file_sha256(self._resolve_path())
-        return f"dlib-{self._sha[:12]}" + ("-flip" if self.flip else "")
+        return f"dlib-{self._sha[:12]}"
 
     def _load(self) -> None:
         path = self._resolve_path()
@@ -296,25 +301,40 @@ class DlibEmbedder(FaceEmbedder):
             raise DlibFormatError(f"{path}: expected a {CHIP_SIZE}px -> {self.dim}-d network")
         self._net = net
 
-    @torch.inference_mode()
     def descriptors(self, chips: np.ndarray) -> np.ndarray:
         """Raw (unnormalised) dlib descriptors for (N, 150, 150, 3) uint8 RGB chips.
 
         These equal dlib's ``compute_face_descriptor`` on the same chips (~1e-6).
         """
+        return self._forward(chips, None)[0]
+
+    @torch.inference_mode()
+    def _forward(self, chips: np.ndarray, keep_at: int | None) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Descriptors, and with ``keep_at`` the activations entering op ``keep_at`` (fp32,
+        NCHW): the network runs in two parts, the same ops as one ``forward``."""
         self.load()
         chips = np.asarray(chips)
         if chips.ndim != 4 or chips.shape[1:] != (CHIP_SIZE, CHIP_SIZE, 3) or chips.dtype != np.uint8:
             raise ModelInputError(f"expected (N, {CHIP_SIZE}, {CHIP_SIZE}, 3) uint8 chips, got {chips.shape} {chips.dtype}")
+        if keep_at is not None and not (0 < keep_at < len(self._net.ops) and self._net.ops[keep_at - 1].kind == "tag"):
+            raise ValueError(f"keep_at {keep_at}: must follow a tag op (the only live residual there)")
         out = np.zeros((len(chips), self.dim), dtype=np.float32)
+        kept: list[torch.Tensor] = []
+        net = self._net
         for start in range(0, len(chips), self.batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(chips[start : start + self.batch_size]))
             x = batch.to(self.device).permute(0, 3, 1, 2).float()
             if self.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                out[start : start + len(batch)] = self._net(x).float().cpu().numpy()
-        return out
+                if keep_at is None:
+                    d = net(x)
+                else:
+                    a = net.run_ops((x - net.mean) / 256.0, 0, keep_at)
+                    kept.append(a.float().cpu().contiguous())
+                    d = net.run_ops(a, keep_at, None, tags={net.ops[keep_at - 1].tag: a})
+            out[start : start + len(batch)] = d.float().cpu().numpy()
+        return out, (torch.cat(kept) if kept else None)
 
     def embed_chips(self, chips: np.ndarray) -> np.ndarray:
         """(N, 128) float32 unit vectors for (N, 150, 150, 3) uint8 aligned chips."""
@@ -350,17 +370,37 @@ class DlibEmbedder(FaceEmbedder):
     def embed_many(self, items: Sequence[tuple[np.ndarray, Sequence[FaceBox]]]) -> list[np.ndarray]:
         """Every face of every photo (and, with ``flip``, every mirrored face) through the
         network together, in batches of ``batch_size``; then split per photo."""
+        return self._embed_many(items, None)[0]
+
+    def embed_many_keeping(self, items: Sequence[tuple[np.ndarray, Sequence[FaceBox]]], at: int
+                           ) -> tuple[list[np.ndarray], list[tuple[torch.Tensor, torch.Tensor | None]]]:
+        """``embed_many``, plus per photo the activations entering op ``at`` of the plain
+        and (with ``flip``, else None) mirrored chips: a model built on this network's
+        front (the age/gender model) starts from them instead of running the front again."""
+        return self._embed_many(items, at)
+
+    def _embed_many(self, items: Sequence[tuple[np.ndarray, Sequence[FaceBox]]], keep_at: int | None
+                    ) -> tuple[list[np.ndarray], list[tuple[torch.Tensor, torch.Tensor | None]]]:
         self.load()
         items = [(image, self.with_landmarks(image, boxes)) for image, boxes in items]
         counts = [len(boxes) for _, boxes in items]
         if not sum(counts):
-            return [np.zeros((0, self.dim), dtype=np.float32) for _ in items]
+            empty = torch.zeros((0,))
+            return ([np.zeros((0, self.dim), dtype=np.float32) for _ in items],
+                    [(empty, empty if self.flip else None) for _ in items])
         passes = [False, True] if self.flip else [False]
         chips = np.concatenate([self._chips(image, boxes, mirrored) for mirrored in passes
                                 for image, boxes in items if boxes])
-        e = self.embed_chips(chips)
+        d, kept = self._forward(chips, keep_at)
+        e = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
         total = sum(counts)
         if self.flip:  # average the plain and the mirrored face's unit vectors
             e = e[:total] + e[total:]
-            e = (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-        return np.split(e, np.cumsum(counts)[:-1])
+            e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        bounds = np.cumsum(counts)[:-1]
+        vectors = np.split(e.astype(np.float32), bounds)
+        if kept is None:
+            return vectors, []
+        plain = torch.tensor_split(kept[:total], bounds.tolist())
+        mirrored = torch.tensor_split(kept[total:], bounds.tolist()) if self.flip else [None] * len(items)
+        return vectors, list(zip(plain, mirrored, strict=True))

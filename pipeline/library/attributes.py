@@ -45,14 +45,30 @@ def missing_note(lab: Lab) -> str | None:
     return lab.attributes.missing_note()
 
 
-def analyze(lab: Lab, image: np.ndarray, boxes: Sequence[FaceBox]) -> list[FaceAttributes] | None:
+def shared_trunk_cut(lab: Lab) -> int | None:
+    """The dlib op where the age/gender model starts, when the active embedder runs the same
+    dlib network with the same mirroring: then ingest takes the activations there from the
+    embedding pass (``DlibEmbedder.embed_many_keeping``) and the age/gender model runs only
+    its tail (measured in bench/speed.py). None: no sharing, each model runs whole."""
+    if attribute_version(lab) is None or not hasattr(lab.embedder, "embed_many_keeping"):
+        return None
+    try:
+        return lab.attributes.trunk_cut_for(lab.embedder.network_version, lab.embedder.flip)
+    except Exception:  # noqa: BLE001 - broken attribute weights: analyze() logs it per photo
+        log.exception("face attributes: could not check whether the embedder's activations can be shared")
+        return None
+
+
+def analyze(lab: Lab, image: np.ndarray, boxes: Sequence[FaceBox], trunk: tuple | None = None
+            ) -> list[FaceAttributes] | None:
     """Attributes of the boxes (with landmarks, as ingest has them), or None when no model
     is installed or it fails on this photo (logged: the faces are stored without them and
-    the next ``compute_missing`` tries again)."""
+    the next ``compute_missing`` tries again). ``trunk``: the embedder's activations of
+    these faces at ``shared_trunk_cut`` (plain, mirrored)."""
     if not boxes or attribute_version(lab) is None:
         return None
     try:
-        return lab.attributes.predict(image, boxes)
+        return lab.attributes.predict(image, boxes, trunk=trunk)
     except Exception:  # noqa: BLE001 - attributes are an extra; they never cost the user a photo
         log.exception("face attributes failed on a photo; its faces are stored without them")
         return None

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from models.types import FaceBox
 from pipeline.context import Lab
 from pipeline.faults import fault_point
-from pipeline.library.attributes import analyze, attribute_version
+from pipeline.library.attributes import analyze, attribute_version, shared_trunk_cut
 from pipeline.library.attributes import rows_for as attribute_rows
 from pipeline.library.identify import face_quality, passes_gate, stored_face_quality
 from pipeline.library.suggest import suggest_people
@@ -197,14 +197,19 @@ def analyse_photos(lab: Lab, images: Sequence[DecodedImage]) -> list[AnalysedPho
     rgbs = [img.rgb for img in images]
     all_boxes = lab.detector.detect_batch(rgbs)
     with_landmarks = [lab.landmarker.predict(rgb, boxes) if boxes else [] for rgb, boxes in zip(rgbs, all_boxes)]
-    vectors = lab.embedder.embed_many(list(zip(rgbs, with_landmarks, strict=True)))
+    items = list(zip(rgbs, with_landmarks, strict=True))
+    cut = shared_trunk_cut(lab)
+    if cut is None:
+        vectors, trunks = lab.embedder.embed_many(items), [None] * len(items)
+    else:  # the age/gender model continues from the embedding pass's activations
+        vectors, trunks = lab.embedder.embed_many_keeping(items, cut)
     photos = []
-    for image, boxes, vecs in zip(images, with_landmarks, vectors, strict=True):
+    for image, boxes, vecs, trunk in zip(images, with_landmarks, vectors, trunks, strict=True):
         # quality of each box (may it be a non-face?): decided before anything is stored
         q = face_quality(lab, vecs, [b.as_tuple() for b in boxes]) if boxes else None
         photos.append(AnalysedPhoto(image, list(boxes), np.asarray(vecs, dtype=np.float32),
                                     [float(v) for v in q] if q is not None else [None] * len(boxes),
-                                    analyze(lab, image.rgb, boxes)))
+                                    analyze(lab, image.rgb, boxes, trunk)))
     return photos
 
 
