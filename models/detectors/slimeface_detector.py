@@ -186,14 +186,20 @@ class SlimefaceDetector(FaceDetector):
                     self.calibration_path,
                 )
 
-    def working_scale(self, width: int, height: int) -> float:
+    def working_scale(self, width: int, height: int, upscale: float | None = None) -> float:
         """The factor the image is resized by before detection."""
-        return min(self.upscale, self.max_side / max(width, height))
+        return min(self.upscale if upscale is None else upscale, self.max_side / max(width, height))
 
-    def _detect(self, image: np.ndarray) -> list[FaceBox]:
+    def detect_without_upscale(self, image: np.ndarray) -> list[FaceBox]:
+        """At most 1x: about a quarter of the 2x run's pixels and time; finds faces from
+        roughly 20 px up (the 2x run's reach for smaller ones is lost)."""
+        self.load()
+        return self._detect(image, upscale=min(1.0, self.upscale))
+
+    def _detect(self, image: np.ndarray, upscale: float | None = None) -> list[FaceBox]:
         rgb = as_rgb_uint8(image)
         height, width = rgb.shape[:2]
-        scale = self.working_scale(width, height)
+        scale = self.working_scale(width, height, upscale)
         work = rgb
         if abs(scale - 1.0) > 1e-6:
             size = (max(1, round(width * scale)), max(1, round(height * scale)))

@@ -10,10 +10,12 @@ result, not an error.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import select
 
+from models.types import FaceBox
 from pipeline.context import Lab
 from pipeline.errors import InvalidRequest, NotFound
 from pipeline.library.identify import (
@@ -57,18 +59,67 @@ def search_image(lab: Lab, data: bytes, name: str = "query", k: int = 10, thresh
         image = decode_upload(data, name, max_pixels=lab.settings.max_pixels, max_bytes=lab.settings.max_upload_bytes)
     except ImageRejected as exc:
         raise InvalidRequest(str(exc)) from exc
-    boxes = lab.detector.detect(image.rgb)
-    if not boxes:
+    query = query_faces(lab, image.rgb)
+    if query is None:
         rule = decision_rule(lab, threshold)
         return SearchResult([], rule.threshold, lab.model_version, None, rule.gallery_faces, rule.describe())
-    boxes = lab.landmarker.predict(image.rgb, boxes)
-    vectors = lab.embedder.embed(image.rgb, boxes)
-    quality = face_quality(lab, vectors, [b.as_tuple() for b in boxes])
-    qualities = [float(q) for q in quality] if quality is not None else [None] * len(boxes)
-    searchable = [passes_gate(lab, q) for q in qualities]
-    primary = primary_face([b.as_tuple() for b in boxes], image.width, image.height, searchable)
-    return _search(lab, vectors, [b.as_tuple() for b in boxes], [b.score for b in boxes], qualities, searchable,
-                   primary, k, threshold, with_embeddings)
+    return _search(lab, query.vectors, query.boxes, query.scores, query.qualities, query.searchable,
+                   query.primary, k, threshold, with_embeddings)
+
+
+def query_faces(lab: Lab, rgb: np.ndarray) -> QueryFaces | None:
+    """A search photo's faces (None: no face). The quick look first
+    (``quick_query_boxes``); its answer stands if it has a searchable main face, else the
+    full detector runs, as ingest does."""
+    quick = quick_query_boxes(lab, rgb)
+    if quick:
+        query = QueryFaces.of(lab, rgb, quick, quick=True)
+        if query.primary is not None:
+            return query
+    boxes = lab.detector.detect(rgb)
+    return QueryFaces.of(lab, rgb, boxes, quick=False) if boxes else None
+
+
+def quick_query_boxes(lab: Lab, rgb: np.ndarray) -> list[FaceBox]:
+    """The quick look at a search photo (``search_detect="quick"``): the detector at the
+    photo's own size (no 2x upscale: about a quarter of its time, most of a search's
+    cost). Kept only when it holds a face at least ``search_quick_min_face_px`` on its
+    short side, else empty: a search is about the photo's main face, and when that is
+    plain to see the small background faces the 2x run would add rarely matter. The
+    caller runs the full detector when this is empty or finds no searchable main face
+    (bench/search_detect.py measures what changes)."""
+    if lab.settings.search_detect != "quick":
+        return []
+    boxes = lab.detector.detect_without_upscale(rgb)
+    if any(min(b.x2 - b.x1, b.y2 - b.y1) >= lab.settings.search_quick_min_face_px for b in boxes):
+        return boxes
+    return []
+
+
+@dataclass
+class QueryFaces:
+    """A search photo's faces after landmarks, embedding, the quality gate and the choice
+    of the main face."""
+
+    boxes: list[tuple[float, float, float, float]]
+    scores: list[float]
+    vectors: np.ndarray
+    qualities: list[float | None]
+    searchable: list[bool]
+    primary: int | None
+    #: found by the quick look (no full detector run)
+    quick: bool = False
+
+    @classmethod
+    def of(cls, lab: Lab, rgb: np.ndarray, boxes: list[FaceBox], quick: bool = False) -> QueryFaces:
+        boxes = lab.landmarker.predict(rgb, boxes)
+        vectors = lab.embedder.embed(rgb, boxes)
+        tuples = [b.as_tuple() for b in boxes]
+        quality = face_quality(lab, vectors, tuples)
+        qualities = [float(q) for q in quality] if quality is not None else [None] * len(boxes)
+        searchable = [passes_gate(lab, q) for q in qualities]
+        primary = primary_face(tuples, rgb.shape[1], rgb.shape[0], searchable)
+        return cls(tuples, [b.score for b in boxes], vectors, qualities, searchable, primary, quick)
 
 
 def search_face(lab: Lab, face_id: int, k: int = 10, threshold: float | None = None,
