@@ -1,0 +1,123 @@
+"""Ingest throughput of several single-threaded processes writing one library.
+
+    python bench/ingest_processes.py [--photos 160] [--processes 1 2] [--rounds 2] \
+        [--out docs/results/ingest_processes.json]
+
+FaceLab runs its models on one thread per process (two intra-op threads measured slower
+than one on these 2-core machines: #18), so a machine's second core is used by a second
+process: a second ``python app.py ingest`` (or app) on the same data folder and database.
+This measures that, instead of estimating it as 2 x photos per CPU-second:
+
+for each round and each process count N (interleaved: 1, 2, 1, 2, ...), a fresh library
+(SQLite file + data folder) is ingested by N worker processes, each with every model
+loaded and warmed up before a shared start barrier, each ingesting every N-th photo of
+face_mask val (else generated photos) through ``pipeline.library.ingest.ingest`` as the
+app does (detect, landmarks, embed, face attributes, database, index, suggestions).
+Aggregate photos/s = photos / (last finish - start). The figure is only as good as the
+machine is quiet: the 1-minute load average before and after each run is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _worker(data_dir: str, database_url: str, photos: list[tuple[str, bytes]], barrier, results) -> None:  # noqa: ANN001
+    from skimage import data as skdata
+
+    from pipeline.context import Lab, set_compute_threads
+    from pipeline.library.ingest import Upload, ingest
+    from pipeline.settings import Settings
+
+    set_compute_threads(1)
+    lab = Lab.open(Settings(data_dir=Path(data_dir), database_url=database_url, torch_threads=1))
+    warm = skdata.astronaut()  # not one of the photos: load and warm every model, store nothing
+    boxes = lab.landmarker.predict(warm, lab.detector.detect(warm))
+    lab.embedder.embed(warm, boxes)
+    if lab.attributes is not None:
+        lab.attributes.predict(warm, boxes)
+    barrier.wait()
+    t0, c0 = time.perf_counter(), time.process_time()
+    report = ingest(lab, [Upload(name, data=data) for name, data in photos])
+    results.put({"start": t0, "end": time.perf_counter(), "cpu_s": time.process_time() - c0,
+                 "photos": len(photos), "faces": report.face_count})
+    lab.close()
+
+
+def run(n_processes: int, photos: list[tuple[str, bytes]]) -> dict:
+    ctx = mp.get_context("spawn")  # torch and SQLite connections do not survive fork well
+    with tempfile.TemporaryDirectory() as tmp:
+        from pipeline.context import Lab
+        from pipeline.settings import Settings
+
+        url = f"sqlite:///{tmp}/facelab.db"
+        Lab.open(Settings(data_dir=Path(tmp) / "data", database_url=url)).close()  # schema once, before the race
+        barrier, results = ctx.Barrier(n_processes), ctx.Queue()
+        shares = [photos[i::n_processes] for i in range(n_processes)]
+        load_before = os.getloadavg()[0]
+        procs = [ctx.Process(target=_worker, args=(str(Path(tmp) / "data"), url, share, barrier, results))
+                 for share in shares]
+        for p in procs:
+            p.start()
+        rows = [results.get(timeout=3600) for _ in procs]
+        for p in procs:
+            p.join()
+            if p.exitcode != 0:
+                raise RuntimeError(f"an ingest worker exited with {p.exitcode}")
+        wall = max(r["end"] for r in rows) - min(r["start"] for r in rows)
+        with Lab.open(Settings(data_dir=Path(tmp) / "data", database_url=url)) as lab:
+            from sqlalchemy import func, select
+
+            from storage.orm import Face, Image
+
+            with lab.sessions() as s:
+                stored = (s.scalar(select(func.count()).select_from(Image)),
+                          s.scalar(select(func.count()).select_from(Face)))
+    total = sum(r["photos"] for r in rows)
+    return {"processes": n_processes, "photos": total, "faces": sum(r["faces"] for r in rows),
+            "stored_images": stored[0], "stored_faces": stored[1], "wall_s": round(wall, 2),
+            "photos_per_s": total / wall, "cpu_s_per_process": [round(r["cpu_s"], 2) for r in rows],
+            "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]}
+
+
+def main() -> None:
+    from bench.speed import _photos
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--photos", type=int, default=160)
+    ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "ingest_processes.json")
+    args = ap.parse_args()
+    photos = _photos(args.photos)
+    result: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                    "command": "python " + " ".join(sys.argv), "runs": []}
+    for round_ in range(args.rounds):
+        for n in args.processes:
+            row = {"round": round_ + 1, **run(n, photos)}
+            print(json.dumps(row), flush=True)
+            result["runs"].append(row)
+    best = {n: max(r["photos_per_s"] for r in result["runs"] if r["processes"] == n) for n in args.processes}
+    result["best_photos_per_s"] = best
+    if 1 in best:
+        result["speedup_vs_one_process"] = {n: v / best[1] for n, v in best.items()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("best_photos_per_s", "speedup_vs_one_process") if k in result}))
+
+
+if __name__ == "__main__":
+    main()
