@@ -12,8 +12,9 @@ the scheduler gave other processes). The load average is recorded.
 models and data: ``old_ingest`` below is the old ingest loop (per photo: embed with the
 float64 numpy aligner, one transaction, one suggestion search; per batch: the whole index
 file rewritten, fsynced and hashed), exact flat search (``IndexPolicy(hnsw_above=inf)``),
-the change check as COUNT/MAX/SUM over all embeddings (``embedding_stamp_scan``) and the
-enrolled gallery read on every search.
+the change check as COUNT/MAX/SUM over all embeddings (``embedding_stamp_scan``), the
+enrolled gallery read on every search and the full (2x) detector on every search photo
+(``search_detect="full"``; today's default first looks at the photo's own size).
 
 * ingest: photos/s through ``pipeline.library.ingest`` (decode, store, detect, landmarks, embed,
   database, index, suggestions) on face_mask val photos, batches of ``Settings.batch_size``.
@@ -361,7 +362,9 @@ def bench_e2e_search(size: int, queries: int, settings_kwargs: dict) -> dict:
     PILImage.fromarray(skdata.astronaut()).save(buf, format="JPEG", quality=90)
     query = buf.getvalue()
     with tempfile.TemporaryDirectory() as t_old, tempfile.TemporaryDirectory() as t_new:
-        old, new = open_lab(Path(t_old), settings_kwargs, old=True), open_lab(Path(t_new), settings_kwargs, old=False)
+        # old: the full (2x) detector on every query photo, as before the quick look
+        old = open_lab(Path(t_old), {**settings_kwargs, "search_detect": "full"}, old=True)
+        new = open_lab(Path(t_new), settings_kwargs, old=False)
         builds = {}
         for name, lab in (("old", old), ("new", new)):
             synthetic_library(lab, size)
