@@ -134,6 +134,8 @@ class SearchResult:
     gallery_faces: int = 0
     #: how the threshold was set (pipeline.library.identify.DecisionRule.describe)
     rule: str = ""
+    #: how a search photo's faces were found (pipeline.library.search.query_faces); "" for a stored face
+    faces_found_by: str = ""
 
     @property
     def primary_face(self) -> QueryFace | None:

@@ -48,6 +48,7 @@ def test_a_plain_face_is_answered_by_the_quick_look_with_the_full_runs_main_face
     b = search_image(labs["full"], _jpeg(rgb))
     assert a.primary is not None and b.primary is not None
     assert iou(a.faces[a.primary].box, b.faces[b.primary].box) >= 0.5
+    assert a.faces_found_by.startswith("quick look") and b.faces_found_by.startswith("full detector")
 
 
 def test_a_small_face_falls_back_to_the_full_detector(labs: dict) -> None:

@@ -284,7 +284,7 @@ def search_details(result: SearchResult) -> dict:
     best = result.best_person
     return {"person": best.name if best else None, "threshold": round(result.threshold, 4),
             "gallery_faces": result.gallery_faces, "rule": result.rule, "model_version": result.model_version,
-            "primary": result.primary, "faces": faces}
+            "primary": result.primary, "faces_found_by": result.faces_found_by, "faces": faces}
 
 
 # -- People tab -------------------------------------------------------------------------

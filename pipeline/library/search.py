@@ -10,7 +10,7 @@ result, not an error.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from sqlalchemy import select
@@ -63,8 +63,13 @@ def search_image(lab: Lab, data: bytes, name: str = "query", k: int = 10, thresh
     if query is None:
         rule = decision_rule(lab, threshold)
         return SearchResult([], rule.threshold, lab.model_version, None, rule.gallery_faces, rule.describe())
-    return _search(lab, query.vectors, query.boxes, query.scores, query.qualities, query.searchable,
-                   query.primary, k, threshold, with_embeddings)
+    result = _search(lab, query.vectors, query.boxes, query.scores, query.qualities, query.searchable,
+                     query.primary, k, threshold, with_embeddings)
+    return replace(result, faces_found_by=QUICK_LOOK if query.quick else FULL_DETECTOR)
+
+
+QUICK_LOOK = "quick look (the photo at its own size)"
+FULL_DETECTOR = "full detector (2x upscale)"
 
 
 def query_faces(lab: Lab, rgb: np.ndarray) -> QueryFaces | None:
