@@ -11,7 +11,10 @@ default), interleaved so machine load hits all alike:
 * ``attributes``: ``FaceAttributeModel.predict`` (emotion + age + gender, mirror-averaged,
   as the app runs it); ``emotion`` and ``age_gender``: each part alone;
 * baseline ``embedder``: the app's dlib embedder (flip on, its default) on the same boxes,
-  i.e. what ingest already spends per face.
+  i.e. what ingest already spends per face;
+* ``embedder_and_attributes_shared``: what ingest runs: the embedder keeping dlib's
+  activations at the age/gender model's cut, then ``predict(..., trunk=)`` (the age/gender
+  tail only). Its excess over ``embedder`` is what attributes cost in ingest.
 
 Reported per face: median wall-clock ms and median CPU ms (thread time, which a busy
 shared machine inflates less), and the ratio attributes / embedder.
@@ -85,8 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     for m in (full, emo_only, ag_only):
         m.predict(work[0][1], work[0][2])  # load + warm up
     embedder.embed(work[0][1], work[0][2])
+    cut = full.trunk_cut_for(embedder.network_version, embedder.flip)
+
+    def shared(img: np.ndarray, boxes: list) -> None:  # noqa: ANN001
+        _, trunks = embedder.embed_many_keeping([(img, boxes)], cut)
+        full.predict(img, boxes, trunk=trunks[0])
+
     runs = {"attributes": full.predict, "emotion": emo_only.predict, "age_gender": ag_only.predict,
-            "embedder": embedder.embed}
+            "embedder": embedder.embed, "embedder_and_attributes_shared": shared}
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     load_before = os.getloadavg()
     for _ in range(args.repeats):
@@ -105,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         "photos": len(work), "faces": n_faces, "repeats": args.repeats, "per_face": result,
         "ratio_attributes_to_embedder_cpu": round(result["attributes"]["cpu_ms_per_face_median"]
                                                   / result["embedder"]["cpu_ms_per_face_median"], 3),
+        "attributes_in_ingest_cpu_ms_per_face": round(result["embedder_and_attributes_shared"]["cpu_ms_per_face_median"]
+                                                      - result["embedder"]["cpu_ms_per_face_median"], 2),
         "attribute_model": full.version, "embedder": embedder.version,
         "load_average_before_after": [round(v, 2) for v in (*load_before[:1], os.getloadavg()[0])],
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
