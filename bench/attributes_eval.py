@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.utk.expanduser() if args.utk else None, args.app_sample)
     doc = {
         "what": "test-set results of models/weights/emotion-fer2013.pt and age-gender-utkface.pt (fp16, as shipped)",
+        "command": "python " + " ".join(sys.argv),
         "weights": {"emotion": EMOTION_WEIGHTS.name, "age_gender": AGE_GENDER_WEIGHTS.name, "version": model.version},
         "fer2013_test": fer, "utkface_test": utk,
         "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
