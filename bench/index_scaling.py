@@ -190,7 +190,7 @@ def main() -> None:
             variant: dict = {"build": info, "ef_search": {}}
             entry[f"hnsw_m{m}"] = variant
             for ef in efs:
-                hnsw._store.policy = replace(policy, ef_search=ef)
+                hnsw._store.policy = replace(policy, ef_search=ef, ef_search_large=ef)
                 if m_i == 0 and ef == efs[min(1, len(efs) - 1)]:
                     # interleaved with flat, query by query
                     t_flat, t_hnsw, got_flat, got, c_flat, c_hnsw = [], [], [], [], [], []
@@ -217,7 +217,7 @@ def main() -> None:
                       f"p99 {row['p99_ms']} ms (CPU p50 {row.get('cpu_p50_ms')} p99 {row.get('cpu_p99_ms')})", flush=True)
                 write()
             if m_i == 0:
-                hnsw._store.policy = replace(policy, ef_search=efs[min(1, len(efs) - 1)])
+                hnsw._store.policy = replace(policy, ef_search=efs[min(1, len(efs) - 1)], ef_search_large=efs[min(1, len(efs) - 1)])
                 entry["among"] = among_bench(flat, hnsw, ids, queries, rng)
                 entry["tombstones"] = tombstone_bench(hnsw, ids, vectors, queries, rng)
                 write()

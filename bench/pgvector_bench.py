@@ -104,7 +104,7 @@ def main() -> None:
                  "faiss": {"kind": fx.kind, "build_s": round(fx_build, 1), "ef_search": {}}}
     for ef in args.ef:
         pg.ef_search = ef
-        fx._store.policy = replace(fx._store.policy, ef_search=ef)
+        fx._store.policy = replace(fx._store.policy, ef_search=ef, ef_search_large=ef)
         t_pg, t_fx, got_pg, got_fx = [], [], [], []
         for q in queries:
             t0 = time.perf_counter()

@@ -539,3 +539,9 @@ def test_held_vectors_reads_ids_and_vectors_together() -> None:
     assert kept == [1, 5] and got.shape == (2, 8)
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     assert np.allclose(got, unit[[0, 4]], atol=1e-6)
+
+
+def test_large_graphs_search_with_the_larger_ef() -> None:
+    policy = IndexPolicy()
+    assert policy.ef_search_for(policy.large_graph - 1) == policy.ef_search
+    assert policy.ef_search_for(policy.large_graph) == policy.ef_search_large > policy.ef_search
