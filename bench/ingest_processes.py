@@ -35,7 +35,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def _worker(data_dir: str, database_url: str, photos: list[tuple[str, bytes]], barrier, results) -> None:  # noqa: ANN001
+def _worker(data_dir: str, database_url: str, photos: list[tuple[str, bytes]], barrier, results,  # noqa: ANN001
+            attributes: bool) -> None:
     from skimage import data as skdata
 
     from pipeline.context import Lab, set_compute_threads
@@ -43,7 +44,7 @@ def _worker(data_dir: str, database_url: str, photos: list[tuple[str, bytes]], b
     from pipeline.settings import Settings
 
     set_compute_threads(1)
-    lab = Lab.open(Settings(data_dir=Path(data_dir), database_url=database_url, torch_threads=1))
+    lab = Lab.open(Settings(data_dir=Path(data_dir), database_url=database_url, torch_threads=1, attributes=attributes))
     warm = skdata.astronaut()  # not one of the photos: load and warm every model, store nothing
     boxes = lab.landmarker.predict(warm, lab.detector.detect(warm))
     lab.embedder.embed(warm, boxes)
@@ -57,7 +58,7 @@ def _worker(data_dir: str, database_url: str, photos: list[tuple[str, bytes]], b
     lab.close()
 
 
-def run(n_processes: int, photos: list[tuple[str, bytes]]) -> dict:
+def run(n_processes: int, photos: list[tuple[str, bytes]], attributes: bool = True) -> dict:
     ctx = mp.get_context("spawn")  # torch and SQLite connections do not survive fork well
     with tempfile.TemporaryDirectory() as tmp:
         from pipeline.context import Lab
@@ -68,7 +69,7 @@ def run(n_processes: int, photos: list[tuple[str, bytes]]) -> dict:
         barrier, results = ctx.Barrier(n_processes), ctx.Queue()
         shares = [photos[i::n_processes] for i in range(n_processes)]
         load_before = os.getloadavg()[0]
-        procs = [ctx.Process(target=_worker, args=(str(Path(tmp) / "data"), url, share, barrier, results))
+        procs = [ctx.Process(target=_worker, args=(str(Path(tmp) / "data"), url, share, barrier, results, attributes))
                  for share in shares]
         for p in procs:
             p.start()
@@ -87,7 +88,7 @@ def run(n_processes: int, photos: list[tuple[str, bytes]]) -> dict:
                 stored = (s.scalar(select(func.count()).select_from(Image)),
                           s.scalar(select(func.count()).select_from(Face)))
     total = sum(r["photos"] for r in rows)
-    return {"processes": n_processes, "photos": total, "faces": sum(r["faces"] for r in rows),
+    return {"processes": n_processes, "attributes": attributes, "photos": total, "faces": sum(r["faces"] for r in rows),
             "stored_images": stored[0], "stored_faces": stored[1], "wall_s": round(wall, 2),
             "photos_per_s": total / wall, "cpu_s_per_process": [round(r["cpu_s"], 2) for r in rows],
             "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]}
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=160)
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-attributes", action="store_true", help="face attributes off (FACELAB_ATTRIBUTES=0)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "ingest_processes.json")
     args = ap.parse_args()
     photos = _photos(args.photos)
@@ -107,7 +109,7 @@ def main() -> None:
                     "command": "python " + " ".join(sys.argv), "runs": []}
     for round_ in range(args.rounds):
         for n in args.processes:
-            row = {"round": round_ + 1, **run(n, photos)}
+            row = {"round": round_ + 1, **run(n, photos, attributes=not args.no_attributes)}
             print(json.dumps(row), flush=True)
             result["runs"].append(row)
     best = {n: max(r["photos_per_s"] for r in result["runs"] if r["processes"] == n) for n in args.processes}
