@@ -131,7 +131,10 @@ class IndexPolicy:
         """efSearch for a graph of ``positions`` nodes."""
         return self.ef_search_large if positions >= self.large_graph else self.ef_search
     #: ``among=`` lists up to this size are scored exactly over their gathered vectors
-    exact_candidates: int = 20_000
+    #: (cached: 512 bytes per face). 20,000 until an HNSW graph of 1M faces searched
+    #: among 50,000 of them through an id selector reached recall@200 0.747 in 47 ms,
+    #: while the exact score over 50,000 gathered vectors takes ~3 CPU ms (200,000: ~10)
+    exact_candidates: int = 200_000
     #: rebuild when this share of positions are tombstones (and at least this many)
     rebuild_dead_share: float = 0.2
     rebuild_dead_min: int = 1_000
