@@ -69,7 +69,7 @@ def search_image(lab: Lab, data: bytes, name: str = "query", k: int = 10, thresh
 
 
 QUICK_LOOK = "quick look (the photo at its own size)"
-FULL_DETECTOR = "full detector (2x upscale)"
+FULL_DETECTOR = "full detector (as at ingest)"
 
 
 def query_faces(lab: Lab, rgb: np.ndarray) -> QueryFaces | None:
