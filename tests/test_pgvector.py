@@ -91,7 +91,7 @@ def test_stored_bytes_decode_exactly_and_search_is_exact_on_small_data(database:
         queries = unit[10:20]
         scores, found = index.search(queries, 5)
         want = ids[np.argsort(-(queries @ unit.T), axis=1)[:, :5]]
-        np.testing.assert_array_equal(found, want)  # 300 vectors, ef_search 128: exact
+        np.testing.assert_array_equal(found, want)  # 300 vectors, ef_search 256: exact
         np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
         among = ids[::7]
         s2, f2 = index.search(queries, 3, among=among)
