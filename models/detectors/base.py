@@ -22,6 +22,12 @@ class FaceDetector(InferenceModel):
         self.load()
         return self._detect(image)
 
+    @property
+    def upscales(self) -> bool:
+        """Whether ``detect`` enlarges photos to find small faces (then
+        ``detect_without_upscale`` is a cheaper pass; otherwise it is the same call)."""
+        return False
+
     def detect_without_upscale(self, image: np.ndarray) -> list[FaceBox]:
         """Faces findable at the photo's own size (or smaller): cheaper than ``detect`` for
         a backend that upscales to find small faces, the same for one that does not. For

@@ -190,6 +190,10 @@ class SlimefaceDetector(FaceDetector):
         """The factor the image is resized by before detection."""
         return min(self.upscale if upscale is None else upscale, self.max_side / max(width, height))
 
+    @property
+    def upscales(self) -> bool:
+        return self.upscale > 1.0
+
     def detect_without_upscale(self, image: np.ndarray) -> list[FaceBox]:
         """At most 1x: about a quarter of the 2x run's pixels and time; finds faces from
         roughly 20 px up (the 2x run's reach for smaller ones is lost)."""

@@ -338,8 +338,7 @@ class DlibEmbedder(FaceEmbedder):
 
     def embed_chips(self, chips: np.ndarray) -> np.ndarray:
         """(N, 128) float32 unit vectors for (N, 150, 150, 3) uint8 aligned chips."""
-        d = self.descriptors(chips)
-        return (d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return _unit(self.descriptors(chips))
 
     def chips(self, image: np.ndarray, boxes: Sequence[FaceBox]) -> np.ndarray:
         """The aligned chips this embedder would embed (landmarks added if missing)."""
@@ -392,15 +391,19 @@ class DlibEmbedder(FaceEmbedder):
         chips = np.concatenate([self._chips(image, boxes, mirrored) for mirrored in passes
                                 for image, boxes in items if boxes])
         d, kept = self._forward(chips, keep_at)
-        e = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+        e = _unit(d)
         total = sum(counts)
         if self.flip:  # average the plain and the mirrored face's unit vectors
-            e = e[:total] + e[total:]
-            e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            e = _unit(e[:total] + e[total:])
         bounds = np.cumsum(counts)[:-1]
-        vectors = np.split(e.astype(np.float32), bounds)
+        vectors = np.split(e, bounds)
         if kept is None:
             return vectors, []
         plain = torch.tensor_split(kept[:total], bounds.tolist())
         mirrored = torch.tensor_split(kept[total:], bounds.tolist()) if self.flip else [None] * len(items)
         return vectors, list(zip(plain, mirrored, strict=True))
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, float32."""
+    return (rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)).astype(np.float32)

@@ -93,8 +93,8 @@ def quick_query_boxes(lab: Lab, rgb: np.ndarray) -> list[FaceBox]:
     plain to see the small background faces the 2x run would add rarely matter. The
     caller runs the full detector when this is empty or finds no searchable main face
     (bench/search_detect.py measures what changes)."""
-    if lab.settings.search_detect != "quick":
-        return []
+    if lab.settings.search_detect != "quick" or not lab.detector.upscales:
+        return []  # (a detector that does not upscale has no cheaper pass: run it once)
     boxes = lab.detector.detect_without_upscale(rgb)
     if any(min(b.x2 - b.x1, b.y2 - b.y1) >= lab.settings.search_quick_min_face_px for b in boxes):
         return boxes
