@@ -234,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--width", type=int, default=EmotionTrainConfig.width)
     ap.add_argument("--init", type=Path, help="start from another run's best.pt/last.pt weights (same width)")
+    ap.add_argument("--lr", type=float, default=EmotionTrainConfig.lr, help="peak learning rate of the cosine schedule")
+    ap.add_argument("--warmup-epochs", type=float, default=EmotionTrainConfig.warmup_epochs)
+    ap.add_argument("--dropout", type=float, default=EmotionTrainConfig.dropout)
+    ap.add_argument("--label-smoothing", type=float, default=EmotionTrainConfig.label_smoothing)
+    ap.add_argument("--cutout-p", type=float, default=EmotionTrainConfig.cutout_p)
+    ap.add_argument("--max-rotation", type=float, default=EmotionTrainConfig.max_rotation_deg, help="degrees")
     ap.add_argument("--export", type=Path, help="after training, write best.pt as fp16 app weights here")
     ap.add_argument("--framing", type=Path, default=Path("docs/results/fer_framing.json"),
                     help="bench/fit_fer_framing.py's result; its framing goes into the exported weights")
@@ -242,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         handlers=[logging.FileHandler(args.out / "train.log"), logging.StreamHandler()])
     cfg = EmotionTrainConfig(epochs=args.epochs, threads=args.threads, width=args.width,
-                             init_from=str(args.init.expanduser()) if args.init else None)
+                             init_from=str(args.init.expanduser()) if args.init else None,
+                             lr=args.lr, warmup_epochs=args.warmup_epochs, dropout=args.dropout,
+                             label_smoothing=args.label_smoothing, cutout_p=args.cutout_p,
+                             max_rotation_deg=args.max_rotation)
     result = train(args.fer.expanduser(), args.out.expanduser(), cfg)
     log.info("finished: best select accuracy %.4f", result["best_select_accuracy"])
     if args.export:
