@@ -263,3 +263,22 @@ def test_without_weights_ingest_works_and_says_which_file_is_missing(tmp_path: P
             assert s.scalars(select(FaceAttributes)).all() == []
             assert len(s.scalars(select(Face)).all()) == 1
         assert attributes.faces_missing_attributes(lab) == []  # nothing to compute without models
+
+
+def test_folding_batch_norm_keeps_the_emotion_networks_answers() -> None:
+    import torch
+
+    from models.attributes.emotion_net import EmotionNet, fold_batch_norm, predict_proba
+
+    torch.manual_seed(3)
+    net = EmotionNet(8).eval()
+    for m in net.modules():  # statistics unlike the identity a fresh BatchNorm starts with
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    folded = fold_batch_norm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    frames = torch.randint(0, 256, (6, 1, 48, 48), dtype=torch.uint8)
+    torch.testing.assert_close(predict_proba(folded, frames), predict_proba(net, frames), atol=1e-5, rtol=0)

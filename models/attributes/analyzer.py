@@ -32,7 +32,7 @@ import torch
 
 from models.align import face_chips, mirror_boxes
 from models.attributes.age_gender_net import AgeGenderNet, expected_age
-from models.attributes.emotion_net import EMOTIONS, EmotionNet, predict_proba
+from models.attributes.emotion_net import EMOTIONS, EmotionNet, fold_batch_norm, predict_proba
 from models.attributes.framing import Framing, fer_frames
 from models.base import InferenceModel
 from models.errors import ModelInputError, WeightsNotFoundError
@@ -160,7 +160,7 @@ class FaceAttributeModel(InferenceModel):
             raise ModelInputError(f"{path}: classes {meta['emotions']} differ from {list(EMOTIONS)}")
         net = EmotionNet(int(meta["width"]), len(EMOTIONS), float(meta["dropout"]))
         net.load_state_dict(_fp32(doc["state_dict"]))
-        net = net.eval().to(memory_format=torch.channels_last)
+        net = fold_batch_norm(net.eval())
         framing = Framing(**meta["framing"])
         return _Loaded(path, file_sha256(path), meta, net, {"framing": framing})
 

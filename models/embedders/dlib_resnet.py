@@ -182,25 +182,40 @@ class DlibResNet(nn.Module):
         ``start``; starting right after a "tag" op, ``{tag: x}`` is all of them. The
         attribute models use this to run the network in parts (models.attributes)."""
         tags = dict(tags or {})
+        # ``own``: x was made by this loop and nothing else holds it (not a tag, not the
+        # caller's input), so ReLU and the residual add may overwrite it in place: one
+        # pass over the activations instead of a new tensor (inference only; autograd
+        # would need the inputs)
+        own = False
+        in_place = not torch.is_grad_enabled()
         for op in self.ops[start:stop]:
             if op.kind == "conv":
                 x = F.conv2d(x, self.weights[op.index], self.biases[op.index], stride=op.stride, padding=op.padding)
+                own = True
             elif op.kind == "relu":
-                x = F.relu(x)
+                if own and in_place:
+                    x = x.relu_()
+                else:
+                    x, own = F.relu(x), True
             elif op.kind == "maxpool":
-                x = F.max_pool2d(x, op.size, op.stride, op.padding)
+                x, own = F.max_pool2d(x, op.size, op.stride, op.padding), True
             elif op.kind == "avgpool":
-                x = F.avg_pool2d(x, op.size, op.stride, op.padding, count_include_pad=False)
+                x, own = F.avg_pool2d(x, op.size, op.stride, op.padding, count_include_pad=False), True
             elif op.kind == "gap":
-                x = x.mean(dim=(2, 3))
+                x, own = x.mean(dim=(2, 3)), True
             elif op.kind == "tag":
                 tags[op.tag] = x
+                own = False
             elif op.kind == "skip":
-                x = tags[op.tag]
+                x, own = tags[op.tag], False
             elif op.kind == "add":
-                x = self._padded_add(x, tags[op.tag])
+                other = tags[op.tag]
+                if own and in_place and x.shape == other.shape:
+                    x = x.add_(other)
+                else:
+                    x, own = self._padded_add(x, other), True
             elif op.kind == "fc":
-                x = F.linear(x.flatten(1), self.weights[op.index], self.biases[op.index])
+                x, own = F.linear(x.flatten(1), self.weights[op.index], self.biases[op.index]), True
         return x
 
 
