@@ -1,7 +1,8 @@
 """Search index at 10k / 100k / 1M faces: exact (flat) vs HNSW, on face-like data.
 
     nice -n 19 python bench/index_scaling.py [--sizes 10000 100000 1000000] [--queries 1000]
-        [--hnsw 32:64,128,256 16:64,128] [--sq8] [--out docs/results/index_scaling.json]
+        [--hnsw 32:128,256,512 32/flat:256,512] [--sq8] [--ef-construction 200]
+        [--out docs/results/index_scaling.json]
 
 Data (``bench/face_like.py``): the LFW library's dlib embeddings plus generated identity
 clusters fitted to them, 10 photos per generated person. Queries: photos held out of the
@@ -12,9 +13,11 @@ path: normalising, locks, label mapping): build time, memory (resident-set growt
 building, and the size of the saved files), recall@10 against exact search (numpy, all
 vectors), and p50/p99 per single query on one thread, as wall time and as the thread's
 CPU time (``time.thread_time``: what the query cost without the time a busy machine's
-scheduler gave other processes; the closest this machine gets to an idle core). Flat and the default HNSW are
-timed interleaved, query by query, so a busy machine slows both alike; other settings
-are timed in their own passes. Also: ``among=`` searches (enrolled galleries of 1k and
+scheduler gave other processes; the closest this machine gets to an idle core). HNSW
+variants: the app's (fp16 graph re-scored exactly, ``32:...``) and the float32 graph it
+replaced (``32/flat:...``). Exact search, the first variant at its second efSearch and
+every variant listing that efSearch too are timed interleaved, query by query, so a busy
+machine slows them alike; other settings are timed in their own passes. Also: ``among=`` searches (enrolled galleries of 1k and
 50k faces, k=200 as ``rank_people`` asks) and tombstones (20 % removed, then searched).
 Results are written after every step, so a long run can be read while it goes on.
 """
@@ -142,9 +145,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--hnsw", nargs="*", default=["32:64,128,256", "16:64,128,256"],
-                        help="M:efSearch,efSearch... per HNSW variant (the first is timed against flat)")
-    parser.add_argument("--ef-construction", type=int, default=40)
+    parser.add_argument("--hnsw", nargs="*", default=["32:128,256,512", "32/flat:256,512"],
+                        help="M[/storage]:efSearch,... per HNSW variant; storage fp16 (default: the app's) or "
+                             "flat (float32 graph, as before fp16). The first variant's second efSearch is timed "
+                             "interleaved with exact search and with the variants that list it too")
+    parser.add_argument("--ef-construction", type=int, default=IndexPolicy().ef_construction)
     parser.add_argument("--build-threads", type=int, default=2)
     parser.add_argument("--sq8", action="store_true", help="also raw faiss IndexHNSWSQ (8-bit) at M of the first variant")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "index_scaling.json")
@@ -167,7 +172,8 @@ def main() -> None:
     variants = []
     for spec in args.hnsw:
         m, efs = spec.split(":")
-        variants.append((int(m), [int(e) for e in efs.split(",")]))
+        m, _, storage = m.partition("/")
+        variants.append((int(m), storage or "fp16", [int(e) for e in efs.split(",")]))
 
     for n in args.sizes:
         rows, qrows = split(data, n, args.queries, rng)
@@ -183,50 +189,68 @@ def main() -> None:
         flat, info = build(IndexPolicy(hnsw_above=10**12), ids, vectors, args.build_threads)
         entry["flat"] = info
         write()
-        for m_i, (m, efs) in enumerate(variants):
-            policy = IndexPolicy(hnsw_above=0, hnsw_m=m, ef_construction=args.ef_construction, ef_search=efs[0])
+        built: list[tuple[str, FaceIndex, IndexPolicy, list[int]]] = []
+        for m, storage, efs in variants:
+            policy = IndexPolicy(hnsw_above=0, hnsw_m=m, ef_construction=args.ef_construction, ef_search=efs[0],
+                                 hnsw_storage=storage)
             hnsw, info = build(policy, ids, vectors, args.build_threads)
-            print(f"   HNSW M{m}: built in {info['build_s']} s, +{info['rss_growth_mb']} MB", flush=True)
-            variant: dict = {"build": info, "ef_search": {}}
-            entry[f"hnsw_m{m}"] = variant
+            name = f"hnsw_m{m}" + ("" if storage == "fp16" else f"_{storage}")
+            print(f"   {name}: built in {info['build_s']} s, +{info['rss_growth_mb']} MB", flush=True)
+            entry[name] = {"build": info, "storage": storage, "ef_search": {}}
+            built.append((name, hnsw, policy, efs))
+            write()
+        # the first variant at its second efSearch is timed interleaved, query by query, with
+        # exact search and with every other variant listing the same efSearch: a busy machine
+        # slows them alike, so their ratios hold
+        first_name, _, _, first_efs = built[0]
+        cmp_ef = first_efs[min(1, len(first_efs) - 1)]
+        together = [(flat, "flat", None)] + [(h, name, replace(p, ef_search=cmp_ef, ef_search_large=cmp_ef))
+                                              for name, h, p, efs in built if cmp_ef in efs]
+        for h, _, p in together[1:]:
+            h._store.policy = p
+        walls: dict[str, list[float]] = {name: [] for _, name, _ in together}
+        cpus: dict[str, list[float]] = {name: [] for _, name, _ in together}
+        found: dict[str, list[np.ndarray]] = {name: [] for _, name, _ in together}
+        for q in queries:
+            for h, name, _ in together:
+                t, f = timed(h, q[None])
+                walls[name] += t
+                cpus[name] += CPU.pop(id(t))
+                found[name].append(f[0])
+        for name in walls:
+            CPU[id(walls[name])] = cpus[name]
+        flat_p50 = np.percentile(walls["flat"], 50)
+        entry["flat"].update({"recall_at_10": recall(np.stack(found["flat"]), truth), **pct_cpu(walls["flat"])})
+        for _, name, _ in together[1:]:
+            row = {"recall_at_10": recall(np.stack(found[name]), truth), **pct_cpu(walls[name]),
+                   "interleaved_with": [o for _, o, _ in together if o != name],
+                   "p50_ratio_to_flat": round(np.percentile(walls[name], 50) / flat_p50, 4), "load_avg": os.getloadavg()[0]}
+            entry[name]["ef_search"][str(cmp_ef)] = row
+            print(f"   {name} ef{cmp_ef} (interleaved): recall@10 {row['recall_at_10']:.4f} p50 {row['p50_ms']} "
+                  f"p99 {row['p99_ms']} ms (CPU p50 {row.get('cpu_p50_ms')} p99 {row.get('cpu_p99_ms')})", flush=True)
+        write()
+        for name, hnsw, policy, efs in built:
             for ef in efs:
+                if str(ef) in entry[name]["ef_search"]:
+                    continue
                 hnsw._store.policy = replace(policy, ef_search=ef, ef_search_large=ef)
-                if m_i == 0 and ef == efs[min(1, len(efs) - 1)]:
-                    # interleaved with flat, query by query
-                    t_flat, t_hnsw, got_flat, got, c_flat, c_hnsw = [], [], [], [], [], []
-                    for q in queries:
-                        t, f = timed(flat, q[None])
-                        t_flat += t
-                        c_flat += CPU.pop(id(t))
-                        got_flat.append(f[0])
-                        t, h = timed(hnsw, q[None])
-                        t_hnsw += t
-                        c_hnsw += CPU.pop(id(t))
-                        got.append(h[0])
-                    CPU[id(t_flat)], CPU[id(t_hnsw)] = c_flat, c_hnsw
-                    got, got_flat = np.stack(got), np.stack(got_flat)
-                    entry["flat"].update({"recall_at_10": recall(got_flat, truth), **pct_cpu(t_flat)})
-                    row = {"recall_at_10": recall(got, truth), **pct_cpu(t_hnsw), "interleaved_with_flat": True,
-                           "p50_ratio_to_flat": round(np.percentile(t_hnsw, 50) / np.percentile(t_flat, 50), 4)}
-                else:
-                    t, got = timed(hnsw, queries)
-                    row = {"recall_at_10": recall(got, truth), **pct_cpu(t)}
-                row["load_avg"] = os.getloadavg()[0]
-                variant["ef_search"][str(ef)] = row
-                print(f"   HNSW M{m} ef{ef}: recall@10 {row['recall_at_10']:.4f} p50 {row['p50_ms']} "
+                t, got = timed(hnsw, queries)
+                row = {"recall_at_10": recall(got, truth), **pct_cpu(t), "load_avg": os.getloadavg()[0]}
+                entry[name]["ef_search"][str(ef)] = row
+                print(f"   {name} ef{ef}: recall@10 {row['recall_at_10']:.4f} p50 {row['p50_ms']} "
                       f"p99 {row['p99_ms']} ms (CPU p50 {row.get('cpu_p50_ms')} p99 {row.get('cpu_p99_ms')})", flush=True)
                 write()
-            if m_i == 0:
-                hnsw._store.policy = replace(policy, ef_search=efs[min(1, len(efs) - 1)], ef_search_large=efs[min(1, len(efs) - 1)])
-                entry["among"] = among_bench(flat, hnsw, ids, queries, rng)
-                entry["tombstones"] = tombstone_bench(hnsw, ids, vectors, queries, rng)
-                write()
-            del hnsw
+        name, hnsw, policy, _ = built[0]
+        hnsw._store.policy = replace(policy, ef_search=cmp_ef, ef_search_large=cmp_ef)
+        entry["among"] = among_bench(flat, hnsw, ids, queries, rng)
+        entry["tombstones"] = tombstone_bench(hnsw, ids, vectors, queries, rng)
+        write()
+        del built, hnsw, together
         print(f"   flat: p50 {entry['flat'].get('p50_ms')} p99 {entry['flat'].get('p99_ms')} ms "
               f"(CPU p50 {entry['flat'].get('cpu_p50_ms')} p99 {entry['flat'].get('cpu_p99_ms')})", flush=True)
         del flat
         if args.sq8:
-            entry["hnsw_sq8"] = sq8_bench(variants[0][0], args.ef_construction, variants[0][1], vectors, queries,
+            entry["hnsw_sq8"] = sq8_bench(variants[0][0], args.ef_construction, variants[0][2], vectors, queries,
                                           truth, ids, args.build_threads)
             write()
     result["load_avg_end"] = os.getloadavg()[0]

@@ -545,3 +545,45 @@ def test_large_graphs_search_with_the_larger_ef() -> None:
     policy = IndexPolicy()
     assert policy.ef_search_for(policy.large_graph - 1) == policy.ef_search
     assert policy.ef_search_for(policy.large_graph) == policy.ef_search_large > policy.ef_search
+
+
+def test_fp16_graphs_walk_half_precision_but_answer_with_exact_scores(rng) -> None:
+    vecs = clustered(rng, 100, 6)
+    ids = np.arange(1, len(vecs) + 1, dtype=np.int64)
+    index = FaceIndex.build("v", DIM, ids, vecs, policy=SMALL)
+    assert SMALL.hnsw_storage == "fp16" and index._store.refined is not None
+    queries = vecs[::11]
+    scores, got = index.search(queries, 10)
+    # re-scored against the float32 vectors: each score is the exact cosine of its face
+    exact = np.take_along_axis(queries @ vecs.T, got - 1, axis=1)
+    np.testing.assert_allclose(scores, exact, atol=1e-6)
+    assert (np.diff(scores, axis=1) <= 1e-7).all()  # best first
+    assert _recall(got, _exact(vecs, ids, queries, 10)) >= 0.95
+    # a removed face's vector leaves both copies: float32 and the graph's fp16 one
+    at = index._store.pos[int(ids[7])]
+    assert index._store._fp16_codes()[at].any()
+    index.remove([ids[7]])
+    assert not index._store.vectors()[at].any() and not index._store._fp16_codes()[at].any()
+
+
+def test_a_float32_graph_saved_before_fp16_still_loads_and_becomes_fp16_at_its_rebuild(rng, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    old_policy = replace(SMALL, hnsw_storage="flat")
+    vecs = clustered(rng, 100, 6)
+    ids = np.arange(1, len(vecs) + 1, dtype=np.int64)
+    old = FaceIndex.build("v", DIM, ids, vecs, tmp_path, row_ids=ids, policy=old_policy)
+    assert old._store.refined is None
+    old.save()
+    assert FaceIndex.read_manifest(tmp_path, "v")["hnsw"]["storage"] == "flat"
+    loaded = FaceIndex.load(tmp_path, "v", DIM, policy=SMALL)
+    assert loaded.kind == "hnsw" and loaded._store.refined is None
+    np.testing.assert_array_equal(loaded.search(vecs[::9], 10)[1], old.search(vecs[::9], 10)[1])
+    loaded.remove(ids[:150])  # past the tombstone share: rebuilt, now as the policy says
+    assert loaded.kind == "hnsw" and loaded._store.refined is not None
+    assert loaded.search(vecs[400], 1)[1][0] == ids[400]
+    loaded.save()
+    assert FaceIndex.read_manifest(tmp_path, "v")["hnsw"]["storage"] == "fp16"
+    again = FaceIndex.load(tmp_path, "v", DIM, policy=SMALL)
+    assert again._store.refined is not None and again.stamp() == loaded.stamp()
+    np.testing.assert_array_equal(again.search(vecs[::9], 10)[1], loaded.search(vecs[::9], 10)[1])
