@@ -123,15 +123,19 @@ class IndexPolicy:
     #: like data at 100k (bench/index_scaling.py): efConstruction 40 reached recall@10
     #: 0.978 at efSearch 128 and 0.994 at 256; efConstruction 200 reached 0.991 at 128
     #: (0.997 at 256, CPU p99 2.7 ms) for 4x the build time. efSearch 256: a second
-    #: draw of the data gave 0.988 at 128 (bench/speed.py), under the 0.99 we promise
+    #: draw of the data gave 0.988 at 128 (bench/speed.py), under the 0.99 we promise.
+    #: efConstruction 400: on a third draw at 300,000 (fp16 graphs) it reached 0.990 at
+    #: efSearch 192 in 0.91 CPU ms (p50), where 200 needed 256 and 1.18 ms and M 48 1.27
+    #: ms; the build takes twice as long (1M faces: 35 min on one core)
     hnsw_m: int = 32
-    ef_construction: int = 200
+    ef_construction: int = 400
     ef_search: int = 256
-    #: graphs of at least ``large_graph`` positions search with ``ef_search_large``: at
-    #: 1,000,000 face-like vectors efSearch 256 reached recall@10 0.976 (CPU p99 2.6 ms),
-    #: 512 reached 0.991 (5.9 ms), 1024 0.996 (8.4 ms) (index_scaling_1m_efc200.json)
+    #: graphs of at least ``large_graph`` positions search with ``ef_search_large``. Chosen
+    #: on that third draw at 1,000,000 (fp16, efConstruction 400): efSearch 384 recall@10
+    #: 0.992 (CPU p99 3.7 ms), 448 0.993 (4.1), 512 0.994 (4.5), 576 0.995 (5.0); 448
+    #: keeps a margin over 0.99. (float32, efConstruction 200: 512 reached 0.991 at 5.9 ms.)
     large_graph: int = 500_000
-    ef_search_large: int = 512
+    ef_search_large: int = 448
     #: how the graph stores the vectors it walks over: "fp16" (half precision, re-scored
     #: exactly; see the module docstring) or "flat" (float32, as before). At 100,000 face-
     #: like vectors fp16 + refine reached recall@10 0.9977 at efSearch 256 (CPU p99 0.94
