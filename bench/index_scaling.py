@@ -17,7 +17,9 @@ scheduler gave other processes; the closest this machine gets to an idle core). 
 variants: the app's (fp16 graph re-scored exactly, ``32:...``) and the float32 graph it
 replaced (``32/flat:...``). Exact search, the first variant at its second efSearch and
 every variant listing that efSearch too are timed interleaved, query by query, so a busy
-machine slows them alike; other settings are timed in their own passes. Also: ``among=`` searches (enrolled galleries of 1k and
+machine slows them alike (``interleaved``; each exact query streams every vector through
+the caches, so the HNSW query after it starts cold); every efSearch is also timed in its
+own pass (``ef_search``). Also: ``among=`` searches (enrolled galleries of 1k and
 50k faces, k=200 as ``rank_people`` asks) and tombstones (20 % removed, then searched).
 Results are written after every step, so a long run can be read while it goes on.
 """
@@ -225,14 +227,12 @@ def main() -> None:
             row = {"recall_at_10": recall(np.stack(found[name]), truth), **pct_cpu(walls[name]),
                    "interleaved_with": [o for _, o, _ in together if o != name],
                    "p50_ratio_to_flat": round(np.percentile(walls[name], 50) / flat_p50, 4), "load_avg": os.getloadavg()[0]}
-            entry[name]["ef_search"][str(cmp_ef)] = row
+            entry[name]["interleaved"] = {"ef_search": cmp_ef, **row}
             print(f"   {name} ef{cmp_ef} (interleaved): recall@10 {row['recall_at_10']:.4f} p50 {row['p50_ms']} "
                   f"p99 {row['p99_ms']} ms (CPU p50 {row.get('cpu_p50_ms')} p99 {row.get('cpu_p99_ms')})", flush=True)
         write()
         for name, hnsw, policy, efs in built:
-            for ef in efs:
-                if str(ef) in entry[name]["ef_search"]:
-                    continue
+            for ef in efs:  # each in its own pass too: exact search between queries empties the caches
                 hnsw._store.policy = replace(policy, ef_search=ef, ef_search_large=ef)
                 t, got = timed(hnsw, queries)
                 row = {"recall_at_10": recall(got, truth), **pct_cpu(t), "load_avg": os.getloadavg()[0]}
