@@ -204,7 +204,7 @@ def main() -> None:
         # the first variant at its second efSearch is timed interleaved, query by query, with
         # exact search and with every other variant listing the same efSearch: a busy machine
         # slows them alike, so their ratios hold
-        first_name, _, _, first_efs = built[0]
+        _, _, _, first_efs = built[0]
         cmp_ef = first_efs[min(1, len(first_efs) - 1)]
         together = [(flat, "flat", None)] + [(h, name, replace(p, ef_search=cmp_ef, ef_search_large=cmp_ef))
                                               for name, h, p, efs in built if cmp_ef in efs]

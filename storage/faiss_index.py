@@ -458,7 +458,7 @@ class _Store:
             ef = self.policy.ef_search_for(self.index.ntotal)
             if self.refined is not None:
                 factor = max(1.0, float(self.policy.refine_factor))
-                walk = faiss.SearchParametersHNSW(sel=sel, efSearch=max(ef, int(math.ceil(k * factor))))
+                walk = faiss.SearchParametersHNSW(sel=sel, efSearch=max(ef, math.ceil(k * factor)))
                 params = faiss.IndexRefineSearchParameters(k_factor=factor, base_index_params=walk)
             else:
                 params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(ef, k))

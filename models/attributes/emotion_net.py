@@ -16,6 +16,8 @@ contrast go.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -70,10 +72,8 @@ def fold_batch_norm(net: EmotionNet) -> EmotionNet:
         else:
             layers.append(conv)
             i += 1
-    folded = EmotionNet.__new__(EmotionNet)
-    nn.Module.__init__(folded)
+    folded = copy.deepcopy(net)
     folded.features = nn.Sequential(*layers)
-    folded.pool, folded.dropout, folded.classifier = net.pool, net.dropout, net.classifier
     return folded.eval().to(memory_format=torch.channels_last)
 
 
