@@ -410,7 +410,7 @@ class _Store:
         """A view of the fp16 graph's half-precision vectors as bytes (positions x 2 dim)."""
         if self.refined is None or self.positions == 0:
             return None
-        sq = faiss.downcast_index(faiss.downcast_index(self.refined.base_index).storage)
+        sq = faiss.downcast_index(_graph_of(self.refined).storage)
         return faiss.rev_swig_ptr(sq.codes.data(), self.positions * sq.code_size).reshape(self.positions, sq.code_size)
 
     def drop(self, face_ids: list[int]) -> int:
@@ -476,25 +476,24 @@ class _Store:
         return at, self.labels[at]
 
 
+def _graph_of(index: Any) -> Any:
+    """The HNSW graph of an HNSW index: itself, or the graph a refined index walks."""
+    return faiss.downcast_index(index.base_index) if isinstance(index, faiss.IndexRefine) else index
+
+
 def _new_hnsw(dim: int, policy: IndexPolicy) -> Any:
     """An empty HNSW index as ``policy.hnsw_storage`` says (see the module docstring)."""
     if policy.hnsw_storage == "flat":
         index = faiss.IndexHNSWFlat(dim, policy.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = policy.ef_construction
-        return index
-    if policy.hnsw_storage != "fp16":
+    elif policy.hnsw_storage == "fp16":
+        graph = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, policy.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexRefineFlat(graph)
+        graph.this.disown()  # the refine index owns (and frees) the graph from here on
+        index.own_fields = True
+    else:
         raise ValueError(f"hnsw_storage must be 'fp16' or 'flat', got {policy.hnsw_storage!r}")
-    graph = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, policy.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    graph.hnsw.efConstruction = policy.ef_construction
-    index = faiss.IndexRefineFlat(graph)
-    graph.this.disown()  # the refine index owns (and frees) the graph from here on
-    index.own_fields = True
+    _graph_of(index).hnsw.efConstruction = policy.ef_construction
     return index
-
-
-def _set_ef_construction(index: Any, ef_construction: int) -> None:
-    graph = faiss.downcast_index(index.base_index) if isinstance(index, faiss.IndexRefine) else index
-    graph.hnsw.efConstruction = ef_construction
 
 
 def _build_store(dim: int, kind: str, policy: IndexPolicy, ids: np.ndarray, vectors: np.ndarray) -> _Store:
@@ -994,7 +993,7 @@ class FaceIndex:
             raise ValueError(f"ids table has shape {table.shape}, expected ({raw.ntotal}, 2)")
         index = cls(model_version, dim, directory, policy)
         if kind == "hnsw":
-            _set_ef_construction(raw, index.policy.ef_construction)
+            _graph_of(raw).hnsw.efConstruction = index.policy.ef_construction
         store = _Store(dim, kind, index.policy, raw)
         labels, rows = table[:, 0].astype(np.int64), table[:, 1].astype(np.int64)
         store.set_labels(labels)
