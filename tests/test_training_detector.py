@@ -194,3 +194,24 @@ def test_weights_travel_in_parts_and_join_checks_them(tmp_path):
     parts[1].write_bytes(b"x" * 1000)  # a damaged part is refused
     with pytest.raises(ValueError):
         join_parts(tmp_path / "out", "w.pt", tmp_path / "back2")
+
+
+def test_gpu_payload_pick_and_carried_yaml(tmp_path):
+    from models.training.detector_trainer import ensure_data_yaml
+    from tools.gpu_train import pick_payload
+
+    def items(src: str, n: int, size: int) -> list[dict]:
+        return [{"source": src, "split": "train", "bytes": size} for _ in range(n)]
+
+    pool = {"face_mask": items("face_mask", 3, 100), "webfaces": items("webfaces", 50, 10),
+            "crowds": items("crowds", 50, 40)}
+    picked = pick_payload(pool, budget=700, whole=("face_mask",), per_file=0)
+    spent = {s: sum(it["bytes"] for it in picked if it["source"] == s) for s in pool}
+    assert spent["face_mask"] == 300 and abs(spent["webfaces"] - spent["crowds"]) <= 40  # equal bytes each
+    assert sum(spent.values()) <= 700
+
+    # the payload's relative path is resolved against the yaml's folder; other keys stay
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/select\nnames:\n  0: face\n")
+    text = ensure_data_yaml(tmp_path / "ds" / "data.yaml").read_text()
+    assert f"path: {(tmp_path / 'ds').resolve()}" in text and "val: images/select" in text

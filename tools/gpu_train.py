@@ -4,13 +4,15 @@ GPU session runs; this module holds the steps.
 
 CPU side (here, from the repo root; writes into the git-ignored ``gpu_payload/``):
 
-    python -m tools.gpu_train prepare-detector            # face_mask -> YOLO, ~1 s, ~28 MB
-    python -m tools.gpu_train prepare-embedder            # LFW train half -> chips .npz
+    python -m models.training.build_detector_data --cached-only --format webp --quality 75 \
+        --out ~/facelab-runs/detector-data-webp --report /tmp/detector_data_webp.json
     python -m tools.gpu_train wheels                      # ultralytics wheels for py3.12
+    python -m tools.gpu_train prepare-detector            # a subset that fits 44 MiB with the wheels
+    python -m tools.gpu_train prepare-embedder            # LFW train half -> chips .npz
 
-GPU side (through the device tool, carry=["gpu_payload"]):
+GPU side (through the device tool, carry=["gpu_payload/wheels", "gpu_payload/detector"]):
 
-    bash tools/gpu_train.sh detector     # or: embedder
+    bash tools/gpu_train.sh detector --minutes 7 --imgsz 640 --batch 64     # or: embedder
 
 Back here (the device tool copies $OUT's files to its files_at folder):
 
@@ -27,14 +29,16 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from common.atomic import write_atomically
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]  # tools/ sits in the repo root
 SHARED_DATA = REPO.parent / "shared" / "data"
 PAYLOAD = REPO / "gpu_payload"
 PART_BYTES = 15 * 1024 * 1024
@@ -76,12 +80,118 @@ def join_parts(src: Path, name: str, dest: Path) -> Path:
 # ----------------------------------------------------------------------------- CPU side
 
 
-def prepare_detector(out: Path, face_mask: Path, max_side: int | None) -> None:
-    from models.training.yolo_dataset import dataset_size_bytes, export_face_mask
+NAME = re.compile(r"^(.+?)_(\d{5})_")  # build_detector_data's "<source>_<index>_<stem>"
 
-    t0 = time.monotonic()
-    info = export_face_mask(face_mask, out / "face_mask_yolo", mode="copy", max_side=max_side)
-    print(json.dumps({**info.to_dict(), "bytes": dataset_size_bytes(info.root), "seconds": round(time.monotonic() - t0, 1)}))
+
+def du_bytes(path: Path) -> int:
+    """What ``du -sb`` counts: file sizes plus directory entries (big with 1000s of files)."""
+    return int(subprocess.run(["du", "-sb", str(path)], check=True, capture_output=True, text=True).stdout.split()[0])
+
+
+def _payload_items(built: Path) -> dict[str, list[dict[str, Any]]]:
+    """Per source, the built dataset's images in pick order: each split's files are in a
+    seeded random order by index, and merging the splits by rank/len keeps any prefix at
+    the source's train/select proportion."""
+    groups: dict[tuple[str, str], list[Path]] = {}
+    for split in ("train", "select"):
+        for img in sorted((built / "images" / split).iterdir()):
+            m = NAME.match(img.name)
+            if m is None:
+                raise ValueError(f"{img}: not a build_detector_data file name")
+            groups.setdefault((m.group(1), split), []).append(img)
+    by_source: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+    for (source, split), files in groups.items():
+        for rank, img in enumerate(files):
+            label = built / "labels" / split / f"{img.stem}.txt"
+            item = {"split": split, "image": img, "label": label, "boxes": len(label.read_text().splitlines()),
+                    "bytes": img.stat().st_size + label.stat().st_size}
+            by_source.setdefault(source, []).append(((rank + 0.5) / len(files), item))
+    return {src: [it for _, it in sorted(v, key=lambda t: t[0])] for src, v in by_source.items()}
+
+
+def pick_payload(items: dict[str, list[dict[str, Any]]], budget: int, whole: tuple[str, ...],
+                 per_file: int = 128) -> list[dict[str, Any]]:
+    """All of the ``whole`` sources, then the others in turns (the one with the fewest
+    bytes so far next: equal bytes, so neither the many small WebFaces photos nor the big
+    crowd photos crowd the other out) until nothing more fits. ``per_file`` is each file's
+    share of directory entries."""
+    picked = [it for src in whole for it in items.get(src, [])]
+    used = sum(it["bytes"] + per_file for it in picked)
+    if used > budget:
+        raise ValueError(f"{whole} alone take {used} bytes > budget {budget}")
+    queues = {src: list(v) for src, v in items.items() if src not in whole}
+    spent = dict.fromkeys(queues, 0)
+    while queues:
+        src = min(queues, key=lambda k: spent[k])
+        it = queues[src].pop(0)
+        cost = it["bytes"] + per_file
+        if used + cost > budget:
+            del queues[src]  # this source's next photo no longer fits; the others may
+            continue
+        picked.append(it)
+        used += cost
+        spent[src] += cost
+        if not queues[src]:
+            del queues[src]
+    return picked
+
+
+def prepare_detector(built: Path, out: Path, wheels: Path, budget_mib: float, report: Path) -> dict[str, Any]:
+    """``build_detector_data --format webp`` output -> ``out``, within ``budget_mib`` for
+    ``out`` + ``wheels`` together (what the device tool carries): all face_mask (train
+    and select, both from face_mask TRAIN), then WebFaces and crowd photos."""
+    import shutil
+
+    if not (built / "images" / "select").is_dir():
+        raise FileNotFoundError(f"{built}: run models.training.build_detector_data --format webp first")
+    wheel_bytes = du_bytes(wheels) if wheels.is_dir() else 0
+    budget = int(budget_mib * 1024 * 1024) - wheel_bytes - 64 * 1024  # 64 KiB: yaml, report, folders
+    items = _payload_items(built)
+    picked = pick_payload(items, budget, whole=("face_mask",))
+    while True:
+        if out.exists():
+            shutil.rmtree(out)
+        for sub in ("images", "labels"):
+            for split in ("train", "select"):
+                (out / sub / split).mkdir(parents=True)
+        for it in picked:
+            shutil.copyfile(it["image"], out / "images" / it["split"] / it["image"].name)
+            shutil.copyfile(it["label"], out / "labels" / it["split"] / it["label"].name)
+        # relative: run-detector (ensure_data_yaml) re-points it at this folder wherever it lands
+        (out / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/select\nnames:\n  0: face\n")
+        total = du_bytes(out) + wheel_bytes
+        if total <= budget_mib * 1024 * 1024:
+            break
+        picked = picked[: -max(1, len(picked) // 200)]  # directory entries took more than guessed
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for it in picked:
+        c = counts.setdefault(it["split"], {}).setdefault(NAME.match(it["image"].name).group(1),
+                                                          {"images": 0, "boxes": 0, "bytes": 0})
+        c["images"] += 1
+        c["boxes"] += it["boxes"]
+        c["bytes"] += it["bytes"]
+    built_report = json.loads((built / "report.json").read_text()) if (built / "report.json").is_file() else {}
+    summary = {
+        "what": "the detector's GPU payload (gpu_payload/detector, git-ignored): a subset of build_detector_data's "
+        "output that fits the device tool's transfer together with the ultralytics wheels",
+        "budget_bytes": int(budget_mib * 1024 * 1024), "detector_du_bytes": total - wheel_bytes,
+        "wheels_du_bytes": wheel_bytes, "total_du_bytes": total,
+        "images": len(picked), "boxes": sum(it["boxes"] for it in picked),
+        "available_images": {src: len(v) for src, v in items.items()},
+        "counts": counts,
+        "pick_rule": "all face_mask (its train.txt only; val.txt is the test set), then WebFaces and crowd photos in "
+        "turns by bytes (equal bytes each) while they fit; within a source a seeded random order that keeps its "
+        "train/select proportion",
+        "splits": "train trains; select is ultralytics' 'val' (picks best.pt, reports per-epoch mAP): both from "
+        "training sources only (never face_mask val or WIDER FACE val)",
+        "image_format": built_report.get("image_format"), "quality": built_report.get("quality"),
+        "max_side": built_report.get("max_side"), "label_threshold": built_report.get("label_threshold"),
+        "select_fraction": built_report.get("select_fraction"), "built_with": built_report.get("command"),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def lfw_chip_functions(detector_spec: str):
@@ -148,12 +258,32 @@ def _log(event: dict) -> None:
     print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in event.items()}), flush=True)
 
 
+def loader_workers(batch: int, imgsz: int, want: int = 12) -> int:
+    """DataLoader workers hand their batches over through /dev/shm (two in flight each);
+    a container's small /dev/shm kills them with a bus error, so fewer where it is small."""
+    cpus = max(1, (os.cpu_count() or 2) - 2)  # two cores left for the main process and the GPU feed
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return min(want, cpus)
+    # each train worker: two uint8 batches in flight; ultralytics gives the val loader twice
+    # the workers, each with two batches of twice the images: 8 batches' worth per worker
+    per_worker = 8 * batch * 3 * imgsz * imgsz
+    return max(0, min(want, cpus, st.f_bavail * st.f_frsize // per_worker))
+
+
 def run_detector(data: Path, out: Path, minutes: float, model: str, imgsz: int, batch: int, epochs: int) -> None:
-    from models.training.detector_trainer import DetectorTrainConfig, train_detector
+    from models.training.detector_trainer import DetectorTrainConfig, ensure_data_yaml, train_detector
 
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "facelab-detector"
+    data = ensure_data_yaml(data)  # the payload's relative path -> wherever the repo sits on this machine
+    workers = loader_workers(batch, imgsz)
+    _log({"kind": "setup", "data": str(data), "workers": workers, "cpus": os.cpu_count()})
+    # plots off: ultralytics' plots want polars and an Arial.ttf download; val every epoch
+    # gives the history (per-epoch mAP on select); `time` ends training at the limit and
+    # ultralytics still validates best.pt afterwards.
     cfg = DetectorTrainConfig(project=work, model=model, epochs=epochs, imgsz=imgsz, batch=batch,
-                              workers=min(12, max(1, (os.cpu_count() or 2) - 2)), cache="ram", deterministic=False,
+                              workers=workers, cache="ram", deterministic=False, plots=False, val=True, amp="auto",
                               time_limit_min=minutes, patience=max(50, epochs), output=work / DETECTOR_WEIGHTS)
     result = train_detector(cfg, data, on_progress=_log)
     summary = {"weights": DETECTOR_WEIGHTS, "version": result.version, "metrics": result.metrics,
@@ -193,10 +323,13 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("prepare-detector", help="face_mask -> YOLO dataset (train split trains, val validates)")
+    d = sub.add_parser("prepare-detector", help="built detector data (WebP) -> payload within the carry budget")
+    d.add_argument("--built", type=Path, default=Path.home() / "facelab-runs" / "detector-data-webp",
+                   help="output of models.training.build_detector_data --format webp --quality 75")
     d.add_argument("--out", type=Path, default=PAYLOAD / "detector")
-    d.add_argument("--face-mask", type=Path, default=SHARED_DATA / "face_mask")
-    d.add_argument("--max-side", type=int, default=None, help="shrink larger images (default: copy as they are)")
+    d.add_argument("--wheels", type=Path, default=PAYLOAD / "wheels", help="counted in the budget (run `wheels` first)")
+    d.add_argument("--budget-mib", type=float, default=44.0, help="detector payload + wheels, as du -sb counts")
+    d.add_argument("--report", type=Path, default=REPO / "docs" / "results" / "detector_gpu_payload.json")
 
     e = sub.add_parser("prepare-embedder", help="LFW train half -> aligned chips + dlib teacher vectors (.npz)")
     e.add_argument("--out", type=Path, default=PAYLOAD / "embedder" / "lfw_chips.npz")
@@ -209,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--dest", type=Path, default=PAYLOAD / "wheels")
 
     rd = sub.add_parser("run-detector", help="GPU: train YOLO on the carried dataset")
-    rd.add_argument("--data", type=Path, default=PAYLOAD / "detector" / "face_mask_yolo" / "data.yaml")
+    rd.add_argument("--data", type=Path, default=PAYLOAD / "detector" / "data.yaml")
     rd.add_argument("--out", type=Path, required=True)
     rd.add_argument("--minutes", type=float, default=6.0)
     rd.add_argument("--model", default="yolov8s.yaml")
@@ -231,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
 
     a = p.parse_args(argv)
     if a.cmd == "prepare-detector":
-        prepare_detector(a.out, a.face_mask, a.max_side)
+        r = prepare_detector(a.built, a.out, a.wheels, a.budget_mib, a.report)
+        print(json.dumps({k: r[k] for k in ("images", "boxes", "detector_du_bytes", "wheels_du_bytes", "total_du_bytes")}))
     elif a.cmd == "prepare-embedder":
         prepare_embedder(a.out, a.lfw, a.detector, a.limit, a.store_size)
     elif a.cmd == "wheels":

@@ -210,17 +210,22 @@ def _amp_argument(amp: str, device: str) -> bool | str:
 
 
 def ensure_data_yaml(data_yaml: Path | str) -> Path:
-    """Point the yaml's ``path`` at its own folder when the recorded one is gone (a
-    dataset exported on one machine and carried to another)."""
+    """Point the yaml's ``path`` at its own folder when the recorded one is relative or
+    gone (a dataset exported on one machine and carried to another, where the repo sits
+    elsewhere). ultralytics would resolve a relative ``path`` against its own datasets
+    folder, not the yaml's. Other keys (``train``, ``val``: e.g. images/select) stay."""
     import yaml
 
-    from models.training.yolo_dataset import write_data_yaml
-
-    data_yaml = Path(data_yaml)
+    data_yaml = Path(data_yaml).resolve()
     spec = yaml.safe_load(data_yaml.read_text()) or {}
     recorded = spec.get("path")
-    if not recorded or not Path(recorded).is_dir():
-        return write_data_yaml(data_yaml.parent)
+    if recorded and Path(recorded).is_absolute() and Path(recorded).is_dir():
+        return data_yaml
+    relative = recorded and not Path(recorded).is_absolute()
+    root = (data_yaml.parent / recorded).resolve() if relative else data_yaml.parent  # a gone absolute: here
+    kept = {k: v for k, v in spec.items() if k != "path"}
+    spec = {"path": str(root), "train": "images/train", "val": "images/val", "names": {0: "face"}, **kept}
+    data_yaml.write_text(yaml.safe_dump(spec, sort_keys=False))
     return data_yaml
 
 
