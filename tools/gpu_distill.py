@@ -440,37 +440,61 @@ def train(payloads: list[Path], out: Path, minutes: float, batch: int, lr: float
 # ----------------------------------------------------------------------------- bundle for the trip back
 
 
-def bundle(files: list[Path], out: Path, part_mib: float = 15.0) -> list[Path]:
-    """Put ``files`` into one .tar.xz (fp16 weights byte-shuffled first: their high
-    bytes compress well), split into parts of ``part_mib`` with a sha256 beside them.
-    The device tool gives back at most 8 files, 64 MiB in all."""
-    import hashlib
+def _xz(chunk: bytes) -> bytes:
     import lzma
+
+    return lzma.compress(chunk, preset=6)
+
+
+def _shuffle_fp16(data: bytes) -> bytes:
+    """All even bytes, then all odd bytes: the high bytes of fp16 weights (sign,
+    exponent) are few distinct values and compress well once they sit together."""
+    even = len(data) // 2 * 2
+    arr = np.frombuffer(data[:even], np.uint8).reshape(-1, 2)
+    return arr[:, 0].tobytes() + arr[:, 1].tobytes() + data[even:]
+
+
+def _unshuffle_fp16(data: bytes) -> bytes:
+    half = len(data) // 2
+    arr = np.empty((half, 2), np.uint8)
+    arr[:, 0] = np.frombuffer(data[:half], np.uint8)
+    arr[:, 1] = np.frombuffer(data[half:2 * half], np.uint8)
+    return arr.tobytes() + data[2 * half:]
+
+
+def bundle(files: list[Path], out: Path, part_mib: float = 15.0, chunk_mib: int = 4) -> list[Path]:
+    """Put ``files`` into one tar of xz members (.pt files byte-shuffled first; every
+    member compressed in 4 MiB chunks on all cores: concatenated xz streams), split into
+    parts of ``part_mib`` with a sha256 beside them. The device tool gives back at most
+    8 files, 64 MiB in all."""
+    import hashlib
     import tarfile
+    from multiprocessing import Pool
 
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
+    step = chunk_mib * 1024 * 1024
+    with Pool(max(1, os.cpu_count() or 1)) as pool, tarfile.open(fileobj=buf, mode="w") as tar:
         for f in files:
             if not f.is_file():
+                print(f"bundle: {f} missing, left out", flush=True)
                 continue
             data = f.read_bytes()
             name = f.name
             if f.suffix == ".pt":
-                arr = np.frombuffer(data[: len(data) // 2 * 2], np.uint8).reshape(-1, 2)
-                data = arr[:, 0].tobytes() + arr[:, 1].tobytes() + data[len(data) // 2 * 2:]
-                name += ".shuf"
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    packed = lzma.compress(buf.getvalue(), preset=6)
+                data, name = _shuffle_fp16(data), name + ".shuf"
+            packed = b"".join(pool.map(_xz, [data[i:i + step] for i in range(0, len(data), step)] or [b""]))
+            info = tarfile.TarInfo(name + ".xz")
+            info.size = len(packed)
+            tar.addfile(info, io.BytesIO(packed))
+    blob = buf.getvalue()
     out.mkdir(parents=True, exist_ok=True)
-    step = int(part_mib * 1024 * 1024)
+    part = int(part_mib * 1024 * 1024)
     parts = []
-    for i, s in enumerate(range(0, len(packed), step)):
+    for i, s in enumerate(range(0, len(blob), part)):
         p = out / f"bundle.part{i:02d}"
-        p.write_bytes(packed[s:s + step])
+        p.write_bytes(blob[s:s + part])
         parts.append(p)
-    (out / "bundle.sha256").write_text(hashlib.sha256(packed).hexdigest() + "\n")
+    (out / "bundle.sha256").write_text(hashlib.sha256(blob).hexdigest() + "\n")
     return parts
 
 
@@ -479,28 +503,58 @@ def unbundle(src: Path, dest: Path) -> list[Path]:
     import lzma
     import tarfile
 
-    parts = sorted(src.glob("bundle.part*"))
-    packed = b"".join(p.read_bytes() for p in parts)
+    blob = b"".join(p.read_bytes() for p in sorted(src.glob("bundle.part*")))
     want = (src / "bundle.sha256").read_text().split()[0]
-    if hashlib.sha256(packed).hexdigest() != want:
+    if hashlib.sha256(blob).hexdigest() != want:
         raise ValueError(f"bundle in {src}: sha256 mismatch (a part is missing or damaged)")
     dest.mkdir(parents=True, exist_ok=True)
     out = []
-    with tarfile.open(fileobj=io.BytesIO(lzma.decompress(packed)), mode="r") as tar:
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
         for m in tar.getmembers():
-            data = tar.extractfile(m).read()
-            name = m.name
+            data = lzma.decompress(tar.extractfile(m).read())
+            name = m.name[: -len(".xz")]
             if name.endswith(".shuf"):
-                half = len(data) // 2
-                arr = np.empty((half, 2), np.uint8)
-                arr[:, 0] = np.frombuffer(data[:half], np.uint8)
-                arr[:, 1] = np.frombuffer(data[half:2 * half], np.uint8)
-                data = arr.tobytes() + data[2 * half:]
-                name = name[: -len(".shuf")]
+                data, name = _unshuffle_fp16(data), name[: -len(".shuf")]
             target = dest / Path(name).name
             target.write_bytes(data)
             out.append(target)
     return out
+
+
+# ----------------------------------------------------------------------------- CPU: finalize
+
+
+def finalize(checkpoint: Path, store_root: Path, out: Path) -> dict[str, Any]:
+    """The returned checkpoint with its match threshold chosen as the CPU recipe does
+    (``DistillRun.export``): best accuracy over the quick-eval pairs (LFW View 2 folds
+    1-5, train identities, people held out of training), embedded here from the store's
+    own uncompressed chips by the app's ``ResNet50Embedder``."""
+    from models.embedders.resnet50 import ResNet50Embedder, load_checkpoint, save_checkpoint
+    from models.evaluation.verification import best_threshold, kfold_accuracy, roc_auc
+    from models.training.face_chip_store import ChipStore
+
+    store = ChipStore(store_root)
+    records = store.records()
+    by_file = {r.file: r.index for r in records if r.split == "eval" and r.source == "lfw"}
+    pairs = [p for p in json.loads((store_root / "eval_pairs.json").read_text())["pairs"]
+             if p["a"] in by_file and p["b"] in by_file]
+    files = sorted({p["a"] for p in pairs} | {p["b"] for p in pairs})
+    pos = {f: i for i, f in enumerate(files)}
+    emb = ResNet50Embedder(checkpoint=checkpoint)
+    vecs = emb.embed_chips(np.asarray(store.chips[[by_file[f] for f in files]]))
+    a = np.asarray([pos[p["a"]] for p in pairs])
+    b = np.asarray([pos[p["b"]] for p in pairs])
+    same = np.asarray([bool(p["same"]) for p in pairs])
+    fold = np.asarray([int(p["fold"]) for p in pairs])
+    scores = np.sum(vecs[a] * vecs[b], axis=1)
+    thr, _ = best_threshold(scores, same)
+    quick = {"pairs": len(pairs), "acc": round(kfold_accuracy(scores, same, fold).mean, 5),
+             "auc": round(roc_auc(scores, same), 5), "threshold_all_pairs": round(float(thr), 5)}
+    state, meta = load_checkpoint(checkpoint)
+    meta = {**meta, "match_threshold": float(thr)}
+    meta["training"] = {**meta.get("training", {}), "quick_eval_cpu": quick}
+    save_checkpoint({k: v for k, v in state.items()}, meta, out)
+    return {"out": str(out), **quick}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -534,6 +588,10 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("unbundle")
     u.add_argument("src", type=Path)
     u.add_argument("--dest", type=Path, required=True)
+    f = sub.add_parser("finalize", help="CPU: set the returned checkpoint's match threshold on the quick-eval pairs")
+    f.add_argument("checkpoint", type=Path)
+    f.add_argument("--store", type=Path, required=True)
+    f.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     if a.cmd == "pack":
         print(json.dumps(pack(a.store, a.out, a.budget_mib, a.quality, a.eval_quality, a.seed), indent=1))
@@ -544,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "bundle":
         for part in bundle(a.files, a.out):
             print(part, part.stat().st_size)
+    elif a.cmd == "finalize":
+        print(json.dumps(finalize(a.checkpoint, a.store, a.out)))
     elif a.cmd == "unbundle":
         for f in unbundle(a.src, a.dest):
             print(f, f.stat().st_size)

@@ -49,7 +49,7 @@ case "$what" in
     nvidia-smi -L; nproc; free -g | head -2; df -h /dev/shm /tmp | cat
     # DataLoader workers hand batches over through /dev/shm: make room if it is small
     shm_kb=$(df -k /dev/shm | awk 'NR==2 {print $2}')
-    if [ "${shm_kb:-0}" -lt 16000000 ]; then mount -o remount,size=32G /dev/shm && df -h /dev/shm | cat; fi
+    if command -v nvidia-smi >/dev/null && [ "${shm_kb:-0}" -lt 16000000 ]; then mount -o remount,size=32G /dev/shm && df -h /dev/shm | cat; fi
     python3 -c "import torch, torchvision, cv2; print('torch', torch.__version__, 'tv', torchvision.__version__, 'cv2', cv2.__version__, 'cuda', torch.cuda.is_available())"
     ;;
   embedder)
