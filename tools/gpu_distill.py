@@ -428,6 +428,9 @@ def train(payloads: list[Path], out: Path, minutes: float, batch: int, lr: float
             "augment": augment.to_dict(), "quick_eval_last": last, "pack": facts.get("pack")}
     ckpt_meta = {"embedding_dim": cfg.embedding_dim, "input_size": cfg.input_size, "chip_size": 150, "chip_padding": 0.25,
                  "mean": list(cfg.mean), "std": list(cfg.std), "dropout": 0.0, "training": info}
+    # plain JSON types only: the app loads checkpoints with weights_only=True, which
+    # refuses e.g. torch's TorchVersion string or numpy scalars inside ``meta``
+    ckpt_meta = json.loads(json.dumps(ckpt_meta, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
     state = {k2: v.contiguous() for k2, v in chosen.state_dict().items()}
     path = save_checkpoint(state, ckpt_meta, out / "resnet50-face.pt")
     summary = {"checkpoint": str(path), "bytes": path.stat().st_size, **info, "evals": evals,
