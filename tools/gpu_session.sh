@@ -70,7 +70,8 @@ case "$what" in
       export PYTHONPATH="$PYTHONPATH:/tmp/site"
     fi
     mkdir -p "$WORK/det"
-    python3 -m tools.gpu_train run-detector --data "$STAGE/detector/data.yaml" --out "$WORK/det" \
+    # a hard cap, so the bundling below always runs inside the call's own limit
+    timeout "$(python3 -c "print(int(float('$minutes') * 60 + 120))")" python3 -m tools.gpu_train run-detector --data "$STAGE/detector/data.yaml" --out "$WORK/det" \
       --minutes "$minutes" --imgsz 640 --batch 64 2>&1 | tee "$WORK/det/stdout.log" | grep -v '^{"event": "batch' | tail -c 20000
     echo "detector done; waiting for the embedder"
     for _ in $(seq 1 60); do [ -f "$WORK/emb/embedder_summary.json" ] && break; sleep 5; done
