@@ -261,7 +261,8 @@ class _Batches:
 
 
 def train(payloads: list[Path], out: Path, minutes: float, batch: int, lr: float, warmup_frac: float,
-          weight_decay: float, workers: int, eval_every_s: float, seed: int) -> dict[str, Any]:
+          weight_decay: float, workers: int, eval_every_s: float, seed: int,
+          centred_weight: float = 0.0) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -396,13 +397,21 @@ def train(payloads: list[Path], out: Path, minutes: float, batch: int, lr: float
             emb = net(x)
         parts = distill_losses(emb, target, centre, cfg)
         loss = cfg.direct_weight * parts["direct"] + cfg.relation_weight * parts["relation"]
+        if centred_weight > 0:
+            # dlib's unit vectors share a large common part (their mean has norm ~0.9), so
+            # 1 - cos on raw vectors is mostly satisfied by that part; the same term on
+            # vectors centred by the teacher's mean weighs the part that tells people apart
+            sc = F.normalize(F.normalize(emb.float(), dim=1) - centre, dim=1)
+            tc = F.normalize(target - centre, dim=1)
+            parts["centred"] = (1.0 - (sc * tc).sum(dim=1)).mean()
+            loss = loss + centred_weight * parts["centred"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
         ema_update()
         step += 1
-        window.append({"loss": loss.detach(), "direct": parts["direct"].detach(), "relation": parts["relation"].detach()})
+        window.append({k2: v.detach() for k2, v in (("loss", loss), *parts.items())})
         if step % 100 == 0:
             vals = {k2: round(float(torch.stack([w[k2] for w in window]).mean()), 5) for k2 in window[0]}
             now = time.monotonic()
@@ -424,6 +433,7 @@ def train(payloads: list[Path], out: Path, minutes: float, batch: int, lr: float
             "weights": pick, "step": step, "epochs": round(step / per_epoch, 3), "train_seconds": round(train_s, 1),
             "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
             "batch": batch, "lr": lr, "warmup_frac": warmup_frac, "weight_decay": weight_decay, "seed": seed,
+            "centred_weight": centred_weight,
             "train_chips": int(len(train_idx)), "teacher": teacher_version + " (fp16-stored weights, fp32 compute)",
             "augment": augment.to_dict(), "quick_eval_last": last, "pack": facts.get("pack")}
     ckpt_meta = {"embedding_dim": cfg.embedding_dim, "input_size": cfg.input_size, "chip_size": 150, "chip_padding": 0.25,
@@ -585,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 3))
     t.add_argument("--eval-every-s", type=float, default=60.0)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--centred-weight", type=float, default=0.0,
+                   help="weight of 1 - cos on vectors centred by the teacher's mean (0: the CPU recipe)")
     b = sub.add_parser("bundle")
     b.add_argument("files", type=Path, nargs="+")
     b.add_argument("--out", type=Path, required=True)
@@ -600,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(pack(a.store, a.out, a.budget_mib, a.quality, a.eval_quality, a.seed), indent=1))
     elif a.cmd == "train":
         s = train(a.payload, a.out, a.minutes, a.batch, a.lr, a.warmup_frac, a.weight_decay, a.workers,
-                  a.eval_every_s, a.seed)
+                  a.eval_every_s, a.seed, a.centred_weight)
         print(json.dumps({k: s[k] for k in ("weights", "step", "epochs", "train_seconds", "quick_eval_last")}, default=str))
     elif a.cmd == "bundle":
         for part in bundle(a.files, a.out):

@@ -59,7 +59,7 @@ case "$what" in
     echo "embedder payloads: ${payloads[*]}"
     rm -rf "$WORK/emb"; mkdir -p "$WORK/emb"
     setsid nohup python3 -m tools.gpu_distill train "${payloads[@]}" --out "$WORK/emb" --minutes "$minutes" \
-      --workers 5 >"$WORK/emb/stdout.log" 2>&1 < /dev/null &
+      --workers "${EMB_WORKERS:-5}" ${EMB_ARGS:-} >"$WORK/emb/stdout.log" 2>&1 < /dev/null &
     sleep 45  # the first lines (data decoded, first steps) come back with this call
     cat "$WORK/emb/stdout.log"
     ;;
@@ -80,6 +80,13 @@ case "$what" in
     python3 -m tools.gpu_distill bundle "$WORK"/detw/yolov8s-face.pt "$WORK"/emb/resnet50-face.pt \
       "$WORK"/det/detector_summary.json "$WORK"/emb/embedder_summary.json "$WORK"/emb/train_log.jsonl \
       "$WORK"/det/stdout.log "$WORK"/emb/stdout.log --out "$WORK/bundle"
+    give_back_parts
+    ;;
+  embedder-wait)  # the embedder alone (no detector this session): wait, bundle, give back
+    for _ in $(seq 1 100); do [ -f "$WORK/emb/embedder_summary.json" ] && break; sleep 5; done
+    grep -v '"event": "train"' "$WORK/emb/stdout.log" | tail -n 12
+    python3 -m tools.gpu_distill bundle "$WORK"/emb/resnet50-face.pt "$WORK"/emb/embedder_summary.json \
+      "$WORK"/emb/train_log.jsonl "$WORK"/emb/stdout.log --out "$WORK/bundle"
     give_back_parts
     ;;
   collect)
