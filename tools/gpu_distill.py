@@ -482,11 +482,13 @@ def bundle(files: list[Path], out: Path, part_mib: float = 15.0, chunk_mib: int 
     8 files, 64 MiB in all."""
     import hashlib
     import tarfile
-    from multiprocessing import Pool
+    from concurrent.futures import ThreadPoolExecutor
 
     buf = io.BytesIO()
     step = chunk_mib * 1024 * 1024
-    with Pool(max(1, os.cpu_count() or 1)) as pool, tarfile.open(fileobj=buf, mode="w") as tar:
+    # threads, not processes: lzma releases the GIL while it compresses, and forking a
+    # process that holds other threads' locks (a test suite, an app) can deadlock the child
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool, tarfile.open(fileobj=buf, mode="w") as tar:
         for f in files:
             if not f.is_file():
                 print(f"bundle: {f} missing, left out", flush=True)
