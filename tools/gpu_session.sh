@@ -60,7 +60,7 @@ case "$what" in
     rm -rf "$WORK/emb"; mkdir -p "$WORK/emb"
     setsid nohup python3 -m tools.gpu_distill train "${payloads[@]}" --out "$WORK/emb" --minutes "$minutes" \
       --workers "${EMB_WORKERS:-5}" ${EMB_ARGS:-} >"$WORK/emb/stdout.log" 2>&1 < /dev/null &
-    sleep 45  # the first lines (data decoded, first steps) come back with this call
+    sleep 25  # the first lines (data decoded: 12-21 s on the H200) come back with this call; device time counts
     cat "$WORK/emb/stdout.log"
     ;;
   detector)

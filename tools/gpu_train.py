@@ -1,5 +1,8 @@
 """Prepare a GPU training payload on CPU, run the training on the GPU machine, bring
-the weights back. ``gpu_train.sh`` beside this file is the one command per model that a
+the weights back. (``tools/gpu_session.sh`` is what ran on the one GPU this project has
+had: the detector from here and the embedder from ``tools/gpu_distill.py`` at once,
+within the device tool's transfer limits; ``prepare-embedder`` / ``run-embedder`` below
+are the older LFW-only embedder path.) ``gpu_train.sh`` beside this file is the one command per model that a
 GPU session runs; this module holds the steps.
 
 CPU side (here, from the repo root; writes into the git-ignored ``gpu_payload/``):
