@@ -127,8 +127,6 @@ def _store_rows(opened: dict[Path, Any]) -> list[tuple[Path, Any]]:
 
 
 def pack(stores: list[Path], out: Path, budgets_mib: list[float], quality: int, eval_quality: int, seed: int) -> dict:
-    import torch
-
     from models.training.face_chip_store import ChipStore
 
     opened = {root: ChipStore(root) for root in stores}
@@ -383,8 +381,7 @@ def train(payloads: list[Path], out: Path, minutes: float, batch: int, lr: float
     evals: list[dict[str, Any]] = []
     window: list[dict[str, float]] = []
     t_window = time.monotonic()
-    mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
-    for k, (idx, u8) in enumerate(loader):
+    for _idx, u8 in loader:
         elapsed = time.monotonic() - t_train
         if elapsed >= budget:
             break
@@ -436,7 +433,7 @@ def train(payloads: list[Path], out: Path, minutes: float, batch: int, lr: float
             "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
             "batch": batch, "lr": lr, "warmup_frac": warmup_frac, "weight_decay": weight_decay, "seed": seed,
             "centred_weight": centred_weight,
-            "train_chips": int(len(train_idx)), "teacher": teacher_version + " (fp16-stored weights, fp32 compute)",
+            "train_chips": int(len(train_idx)), "teacher": teacher_version + " (fp16-stored weights; fp32 compute, TF32 convolutions on CUDA)",
             "augment": augment.to_dict(), "quick_eval_last": last, "pack": facts.get("pack")}
     ckpt_meta = {"embedding_dim": cfg.embedding_dim, "input_size": cfg.input_size, "chip_size": 150, "chip_padding": 0.25,
                  "mean": list(cfg.mean), "std": list(cfg.std), "dropout": 0.0, "training": info}
