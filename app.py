@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="import images from folders/files with a progress bar")
     _common(ingest, sub=True)
     ingest.add_argument("paths", nargs="+", type=Path)
+    ingest.add_argument("--workers", type=int, default=None,
+                        help="worker processes, one core each (default: one per core, at most 4; "
+                             "small imports run in this process)")
 
     check = sub.add_parser("check", help="check database, image store and index consistency")
     _common(check, sub=True)
@@ -163,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.cli import ingest_command
 
         with _open_lab(settings) as lab:
-            return ingest_command(lab, args.paths)
+            return ingest_command(lab, args.paths, workers=args.workers)
     if args.command == "check":
         from pipeline.cli import check_command
 

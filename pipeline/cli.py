@@ -52,28 +52,52 @@ def percent_bar(desc: str) -> Iterator[Callable[[float, str], None]]:
         yield progress
 
 
-def ingest_command(lab: Lab, paths: Sequence[Path], chunk: int = 64) -> int:
-    """Import files and folders; prints one line per refused file. Exit 1 if any was refused."""
+def ingest_command(lab: Lab, paths: Sequence[Path], chunk: int = 64, workers: int | None = None) -> int:
+    """Import files and folders; prints one line per refused file. Exit 1 if any was refused.
+    With more than one worker (default: one per core, at most 4) and enough files, the
+    photos are analysed by worker processes (pipeline.library.parallel_ingest)."""
+    from pipeline.library.parallel_ingest import (
+        IngestWorkerFailed,
+        default_workers,
+        ingest_parallel,
+        workers_for,
+    )
+
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
         print(f"error: not found: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 2
+    if workers is not None and workers < 1:
+        print(f"error: --workers must be at least 1, got {workers}", file=sys.stderr)
         return 2
     uploads = uploads_from_paths(paths)
     if not uploads:
         print("error: no image files found (looked for .jpg .png .gif .bmp .webp .tif .pgm)", file=sys.stderr)
         return 2
+    workers = workers_for(len(uploads), default_workers() if workers is None else workers)
     faces = refused = duplicates = 0
-    with tqdm(total=len(uploads), unit="img", desc="Ingesting") as bar:
-        for start in range(0, len(uploads), chunk):
-            report = ingest(lab, uploads[start : start + chunk])
-            for result in report.files:
+    with tqdm(total=len(uploads), unit="img", desc="Ingesting" if workers == 1 else f"Ingesting ({workers} workers)") as bar:
+        def counted(files: Sequence) -> None:
+            nonlocal faces, refused, duplicates
+            for result in files:
                 if result.error:
                     refused += 1
                     tqdm.write(f"refused {result.name}: {result.error}", file=sys.stderr)
                 duplicates += result.duplicate
                 faces += len(result.faces)
-            bar.update(len(report.files))
+            bar.update(len(files))
             bar.set_postfix(faces=faces, refused=refused)
+
+        if workers > 1:
+            bar.set_postfix_str(f"starting {workers} workers")
+            try:
+                ingest_parallel(lab.settings, uploads, workers, on_chunk=counted)
+            except IngestWorkerFailed as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+        else:
+            for start in range(0, len(uploads), chunk):
+                counted(ingest(lab, uploads[start : start + chunk]).files)
     print(f"{len(uploads) - refused} image(s) imported ({duplicates} already present), {faces} face(s), {refused} refused")
     return 1 if refused else 0
 
