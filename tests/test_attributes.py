@@ -156,6 +156,35 @@ def test_age_gender_from_the_embedders_activations_match_the_standalone_path(mod
         model.predict(img, boxes, trunk=(trunks[1][0][:0], trunks[1][1][:0]))
 
 
+def test_faces_too_small_to_read_get_no_attributes_not_a_guess(model: FaceAttributeModel) -> None:
+    """A photo with the astronaut's face and a copy of her shrunk to a ~20 px face: the
+    small one gets no emotion, age or gender (``too_small``), the big one the same answers
+    as alone, with and without the embedder's activations (which are then subset)."""
+    from models.attributes.analyzer import AGE_GENDER_MIN_FACE_PX, EMOTION_MIN_FACE_PX
+    from models.embedders.dlib_resnet import DlibEmbedder
+
+    img, (big,) = _astronaut_boxes()
+    shrink = 20.0 / min(big.x2 - big.x1, big.y2 - big.y1)  # the copy's face: ~20 px
+    assert 20 < min(EMOTION_MIN_FACE_PX, AGE_GENDER_MIN_FACE_PX)
+    small_img = np.asarray(PILImage.fromarray(img).resize((round(512 * shrink), round(512 * shrink)), PILImage.BILINEAR))
+    photo = img.copy()
+    photo[-small_img.shape[0]:, -small_img.shape[1]:] = small_img  # bottom right corner
+    off = 512 - small_img.shape[0]
+    small = FaceBox(big.x1 * shrink + off, big.y1 * shrink + off, big.x2 * shrink + off, big.y2 * shrink + off,
+                    big.score, landmarks=big.landmarks * shrink + off)
+    assert min(small.x2 - small.x1, small.y2 - small.y1) < min(EMOTION_MIN_FACE_PX, AGE_GENDER_MIN_FACE_PX)
+    (alone,) = model.predict(photo, [big])
+    embedder = DlibEmbedder(flip=True)
+    _, trunks = embedder.embed_many_keeping([(photo, [big, small])], model.trunk_cut_for(embedder.network_version, True))
+    for trunk in (None, trunks[0]):
+        a, s = model.predict(photo, [big, small], trunk=trunk)
+        assert not a.too_small and a.emotion_probs == alone.emotion_probs and a.gender == alone.gender
+        assert abs(a.age - alone.age) < 1.0
+        assert s.too_small and s.emotion is None and s.emotion_probs is None and s.age is None and s.gender is None
+        assert s.summary() == "too small to read"
+    assert model.version.endswith(f"-min{EMOTION_MIN_FACE_PX}x{AGE_GENDER_MIN_FACE_PX}")
+
+
 # -- pipeline ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, database_url: str):
@@ -184,6 +213,38 @@ def test_ingest_stores_attributes_with_the_model_version(lab: Lab, astronaut_fac
     assert attributes.faces_missing_attributes(lab) == []
 
 
+def test_a_face_too_small_to_read_is_stored_without_attributes_and_said_so(lab: Lab) -> None:
+    from models.attributes.analyzer import AGE_GENDER_MIN_FACE_PX
+
+    small = np.asarray(PILImage.fromarray(skdata.astronaut()).resize((100, 100), PILImage.BILINEAR))
+    canvas = np.full((300, 300, 3), 128, np.uint8)
+    canvas[95:195, 95:195] = small  # her face: ~20 px, found by the 2x detector
+    report = ingest(lab, [Upload("tiny-astronaut.png", data=_png(canvas))])
+    (face,) = report.files[0].faces
+    assert min(face.box[2] - face.box[0], face.box[3] - face.box[1]) < AGE_GENDER_MIN_FACE_PX
+    a = attributes.stored_attributes(lab, [face.face_id])[face.face_id]
+    assert a.model_version == lab.attributes.version  # computed, by design empty: not "missing"
+    assert a.too_small and a.emotion is None and a.age is None and a.gender is None
+    assert a.summary() == "too small to read"
+    assert face.face_id not in attributes.faces_missing_attributes(lab)
+
+
+def test_stored_rows_say_which_model_found_the_face_too_small() -> None:
+    """Read back from storage, a row says ``too_small`` when a model that ran left its
+    fields empty (a 24-31 px face: age and gender, no emotion), not when a model is absent."""
+    v = "attr-emo0123456789ab-agba9876543210-min32x24"
+    mid = FaceAttributes(face_id=1, model_version=v, emotion=None, age=31.0, gender="female", gender_confidence=0.9)
+    full = FaceAttributes(face_id=1, model_version=v, emotion="happy", emotion_confidence=0.9,
+                          emotion_probs={"happy": 0.9}, age=31.0, gender="female", gender_confidence=0.9)
+    no_emotion_model = FaceAttributes(face_id=1, model_version="attr-emonone-agba9876543210-min32x24",
+                                      emotion=None, age=31.0, gender="female", gender_confidence=0.9)
+    assert attributes._as_attributes(mid).too_small
+    assert attributes._as_attributes(mid).summary() == "emotion: face too small · 31 y · female 0.90"
+    assert views.attribute_cells(attributes._as_attributes(mid))[:4] == ["too small", None, 31.0, "female"]
+    assert not attributes._as_attributes(full).too_small
+    assert not attributes._as_attributes(no_emotion_model).too_small
+
+
 def test_new_attribute_model_recomputes_like_embeddings(lab: Lab, astronaut_face: int, tmp_path: Path) -> None:
     # "new" weights: the same networks with other metadata, so another file hash and version
     copies = []
@@ -196,8 +257,9 @@ def test_new_attribute_model_recomputes_like_embeddings(lab: Lab, astronaut_face
     lab.attributes = FaceAttributeModel(*copies, landmark_detector=lab.landmarker)
     try:
         assert lab.attributes.version != old_version
-        assert attributes.faces_missing_attributes(lab) == [astronaut_face]
-        assert attributes.compute_missing(lab) == 1
+        missing = attributes.faces_missing_attributes(lab)  # every stored face (other tests add some)
+        assert astronaut_face in missing
+        assert attributes.compute_missing(lab) == len(missing)
         assert attributes.faces_missing_attributes(lab) == []
         with lab.sessions() as s:
             versions = set(s.scalars(select(FaceAttributes.model_version).where(
@@ -232,7 +294,7 @@ def test_coco_export_carries_the_attributes(lab: Lab, astronaut_face: int, tmp_p
     report = export_dataset(lab, "coco", tmp_path / "coco.zip")
     with zipfile.ZipFile(report.path) as zf:
         coco = json.loads(zf.read("annotations.json"))
-    (ann,) = coco["annotations"]
+    ann = max(coco["annotations"], key=lambda a: a["area"])  # the astronaut's face (other tests add small ones)
     stored = attributes.stored_attributes(lab, [astronaut_face])[astronaut_face]
     assert ann["attributes"]["emotion"] == stored.emotion and ann["attributes"]["age"] == stored.age
     assert ann["attributes"]["gender"] == stored.gender

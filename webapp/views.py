@@ -132,8 +132,9 @@ def attribute_cells(a: FaceAttributes | None) -> list[object]:
     """The ``ATTRIBUTE_HEADERS`` cells of one face ("" / None where a part is absent)."""
     if a is None:
         return ["", None, None, "", None]
-    return [a.emotion or "", round(a.emotion_confidence, 3) if a.emotion_confidence is not None else None,
-            round(a.age, 1) if a.age is not None else None, a.gender or "",
+    return [a.emotion or ("too small" if a.too_small else ""),
+            round(a.emotion_confidence, 3) if a.emotion_confidence is not None else None,
+            round(a.age, 1) if a.age is not None else None, a.gender or ("too small" if a.too_small else ""),
             round(a.gender_confidence, 3) if a.gender_confidence is not None else None]
 
 

@@ -53,6 +53,27 @@ EMOTION_FORMAT = "facelab-emotion/1"
 #: is lighter, so its probabilities are sharper). FER2013 test figures: docs/attributes.md.
 EMOTION_MIN_CONFIDENCE = 0.55
 UNSURE = "unsure"
+#: The smallest face each model reads (shorter box side, px). A smaller face holds too few
+#: pixels: the app would upsample it into the model's input and the model would answer
+#: anyway, with the confidence it learned on sharp faces. Below these sides the face gets
+#: no emotion / age / gender (None, ``too_small``) instead of a guess, and the networks do
+#: not run for it. Chosen by bench/attributes_by_size.py on the select splits (FER2013
+#: train's held-out 10 %, UTKFace select; never the test sets): the smallest side from
+#: which on the measure stays within 4 accuracy points (emotion) / 3 points (gender) / 1
+#: year of MAE (age) of full resolution. docs/results/attributes_by_size.json has the
+#: curves. (With 3 points for emotion it would be 40 px: the median box of FER2013's own
+#: 48x48 test faces through our detector, the very faces its accuracy is quoted on.)
+EMOTION_MIN_FACE_PX = 32
+AGE_GENDER_MIN_FACE_PX = 24
+#: written into ``version``: changing the policy recomputes stored attributes
+SIZE_POLICY = f"min{EMOTION_MIN_FACE_PX}x{AGE_GENDER_MIN_FACE_PX}"
+
+
+def models_in_version(version: str) -> tuple[bool, bool]:
+    """(emotion model present, age/gender model present) for a ``FaceAttributeModel.version``
+    string ("attr-emo<sha|none>-ag<sha|none>[-min..]"): which fields of a row stored under
+    it were computed, so an empty one means "too small", not "no model"."""
+    return not version.startswith("attr-emonone"), "-agnone" not in version
 AGE_GENDER_FORMAT = "facelab-age-gender/1"
 HOW_TO_GET = {
     "emotion": "It ships with FaceLab (git checkout of models/weights/); to train it again: "
@@ -76,6 +97,9 @@ class FaceAttributes:
     gender_confidence: float | None = None  #: probability of ``gender``
     #: the attribute-model version that produced them (set when read back from storage)
     model_version: str | None = None
+    #: the face is too small for at least one model (``EMOTION_MIN_FACE_PX``,
+    #: ``AGE_GENDER_MIN_FACE_PX``): its attributes are None by design, not missing
+    too_small: bool = False
 
     def summary(self) -> str:
         """Short text for captions: 'happy 0.91 · 34 y · female 0.97'."""
@@ -86,6 +110,10 @@ class FaceAttributes:
             parts.append(f"{self.age:.0f} y")
         if self.gender is not None:
             parts.append(f"{self.gender} {self.gender_confidence:.2f}")
+        if self.too_small and not parts:
+            parts.append("too small to read")
+        elif self.too_small and self.emotion is None:  # read for age/gender, not for emotion
+            parts.insert(0, "emotion: face too small")
         return " · ".join(parts)
 
 
@@ -208,7 +236,7 @@ class FaceAttributeModel(InferenceModel):
                 if self._sha_cache.get(what, (None,))[0] != key:
                     self._sha_cache[what] = (key, file_sha256(path)[:12])
                 shas[what] = self._sha_cache[what][1]
-        return f"attr-emo{shas['emotion']}-ag{shas['age_gender']}"
+        return f"attr-emo{shas['emotion']}-ag{shas['age_gender']}-{SIZE_POLICY}"
 
     def missing_note(self) -> str | None:
         """One sentence for the UI/CLI naming each absent weights file, or None."""
@@ -234,30 +262,45 @@ class FaceAttributeModel(InferenceModel):
                 trunk: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> list[FaceAttributes]:
         """Attributes per box. ``trunk``: the dlib activations at ``trunk_cut_for(...)`` of
         these boxes' plain and mirrored chips, as the embedder computed them (ingest);
-        without it the age/gender model runs dlib's front itself."""
+        without it the age/gender model runs dlib's front itself. A face under
+        ``EMOTION_MIN_FACE_PX`` / ``AGE_GENDER_MIN_FACE_PX`` gets None for that model's
+        attributes and ``too_small`` (no network runs for it)."""
         self.load()
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ModelInputError(f"expected an HxWx3 uint8 RGB image, got {getattr(image, 'shape', None)}")
         boxes = list(boxes)
         if not boxes or (self._emotion is None and self._age_gender is None):
             return [FaceAttributes() for _ in boxes]
-        missing = [i for i, b in enumerate(boxes) if b.landmarks is None]
+        sides = np.array([min(b.x2 - b.x1, b.y2 - b.y1) for b in boxes], dtype=np.float64)
+        read_emotion = np.flatnonzero(sides >= EMOTION_MIN_FACE_PX) if self._emotion else np.zeros(0, int)
+        read_age = np.flatnonzero(sides >= AGE_GENDER_MIN_FACE_PX) if self._age_gender else np.zeros(0, int)
+        needed = sorted(set(read_emotion) | set(read_age))
+        missing = [i for i in needed if boxes[i].landmarks is None]
         if missing and self.landmark_detector is not None:
             for i, b in zip(missing, self.landmark_detector.predict(image, [boxes[i] for i in missing])):
                 boxes[i] = b
-        emo = self._emotions(image, boxes) if self._emotion else None
-        ag = self._ages_genders(image, boxes, trunk) if self._age_gender else None
+        emo = self._emotions(image, [boxes[i] for i in read_emotion]) if len(read_emotion) else None
+        ag = None
+        if len(read_age):
+            if trunk is not None and any(t is not None and len(t) != len(boxes) for t in trunk):
+                raise ModelInputError(f"trunk activations for {[None if t is None else len(t) for t in trunk]} "
+                                      f"faces, {len(boxes)} boxes")
+            part = None if trunk is None else tuple(None if t is None else t[torch.from_numpy(read_age)] for t in trunk)
+            ag = self._ages_genders(image, [boxes[i] for i in read_age], part)
+        emo_at = {int(i): k for k, i in enumerate(read_emotion)}
+        ag_at = {int(i): k for k, i in enumerate(read_age)}
         out = []
         for i in range(len(boxes)):
-            kw: dict = {}
-            if emo is not None:
-                p = emo[i]
+            kw: dict = {"too_small": (self._emotion is not None and i not in emo_at)
+                        or (self._age_gender is not None and i not in ag_at)}
+            if i in emo_at:
+                p = emo[emo_at[i]]
                 k = int(p.argmax())
                 kw.update(emotion=EMOTIONS[k] if p[k] >= EMOTION_MIN_CONFIDENCE else UNSURE,
                           emotion_confidence=float(p[k]),
                           emotion_probs={e: round(float(v), 4) for e, v in zip(EMOTIONS, p)})
-            if ag is not None:
-                age, p_female = ag[0][i], ag[1][i]
+            if i in ag_at:
+                age, p_female = ag[0][ag_at[i]], ag[1][ag_at[i]]
                 female = p_female >= 0.5
                 kw.update(age=round(float(age), 1), gender="female" if female else "male",
                           gender_confidence=float(p_female if female else 1.0 - p_female))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from sqlalchemy import func, select
 
-from models.attributes.analyzer import UNSURE, FaceAttributes
+from models.attributes.analyzer import UNSURE, FaceAttributes, models_in_version
 from models.attributes.emotion_net import EMOTIONS
 from models.types import FaceBox
 from pipeline.context import Lab
@@ -82,8 +82,12 @@ def rows_for(face_ids: Sequence[int], attrs: Sequence[FaceAttributes], version: 
 
 
 def _as_attributes(row: AttributeRow) -> FaceAttributes:
+    # a model that ran for this row but left its fields empty: the face was under that
+    # model's smallest readable size, as predict() said when the row was stored
+    emotion_ran, age_ran = models_in_version(row.model_version or "")
+    too_small = (emotion_ran and row.emotion is None) or (age_ran and row.age is None)
     return FaceAttributes(row.emotion, row.emotion_confidence, row.emotion_probs, row.age, row.gender,
-                          row.gender_confidence, row.model_version)
+                          row.gender_confidence, row.model_version, too_small=too_small)
 
 
 def stored_attributes(lab: Lab, face_ids: Sequence[int]) -> dict[int, FaceAttributes]:
