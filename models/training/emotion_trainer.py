@@ -42,6 +42,7 @@ from models.attributes.emotion_net import (
     predict_proba,
     standardise,
 )
+from models.cpu_features import cpu_precision
 from models.training.fer_data import load_fer_split, stratified_split
 
 log = logging.getLogger("emotion_trainer")
@@ -66,7 +67,16 @@ class EmotionTrainConfig:
     dropout: float = 0.3
     select_fraction: float = 0.10
     seed: int = 17
+    #: batch order and augmentation draws; None = ``seed``. Runs that differ only here
+    #: share the select split and differ in what they saw when (for soups / ensembles)
+    order_seed: int | None = None
+    #: also keep every epoch's weights as ``epoch-NN.pt`` (model only)
+    keep_epochs: bool = False
     threads: int = 1
+    #: "bf16": forward and loss under bf16 autocast (weights, gradients and the optimiser
+    #: stay fp32); "fp32"; "auto" = bf16 where the CPU computes it natively
+    #: (``models.cpu_features``), fp32 where it would be emulated (~20x slower)
+    precision: str = "auto"
     #: start from these weights (another run's best.pt/last.pt), not from random ones
     init_from: str | None = None
     #: augmentation
@@ -164,6 +174,10 @@ def train(fer_root: Path, out: Path, cfg: EmotionTrainConfig) -> dict:
     se_x, se_y = images[select], labels[select]
     log.info("FER2013 train %d = %d training + %d select (seed %d)", len(labels), len(keep), len(select), cfg.seed)
 
+    precision = cpu_precision() if cfg.precision == "auto" else cfg.precision
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    log.info("precision: %s", precision)
     torch.manual_seed(cfg.seed)
     net = EmotionNet(cfg.width, dropout=cfg.dropout).to(memory_format=torch.channels_last)
     if cfg.init_from and not (out / "last.pt").is_file():
@@ -186,7 +200,8 @@ def train(fer_root: Path, out: Path, cfg: EmotionTrainConfig) -> dict:
     steps_done_here = 0
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # same batches after a resume
+        order_seed = cfg.seed if cfg.order_seed is None else cfg.order_seed
+        g = torch.Generator().manual_seed(order_seed * 1000 + epoch)  # same batches after a resume
         order = torch.randperm(len(keep), generator=g)
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
         for i in range(steps_per_epoch):
@@ -195,8 +210,9 @@ def train(fer_root: Path, out: Path, cfg: EmotionTrainConfig) -> dict:
                 group["lr"] = _lr_at(step, total_steps, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             x, y = augment_batch(tr_x[idx], cfg, g), tr_y[idx]
-            logits = net(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = net(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -220,6 +236,8 @@ def train(fer_root: Path, out: Path, cfg: EmotionTrainConfig) -> dict:
             best = select_acc
             _atomic_save({"model": state, "epoch": epoch + 1, "select_accuracy": select_acc, "config": asdict(cfg)},
                          out / "best.pt")
+        if cfg.keep_epochs:
+            _atomic_save({"model": state, "epoch": epoch + 1, "select_accuracy": select_acc}, out / f"epoch-{epoch + 1:02d}.pt")
         _atomic_save({"model": state, "optimizer": opt.state_dict(), "epoch": epoch, "history": history,
                       "best_select_accuracy": best, "config": asdict(cfg)}, last)
         (out / "history.json").write_text(json.dumps(history, indent=1))
@@ -232,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log); outside the repo")
     ap.add_argument("--epochs", type=int, default=EmotionTrainConfig.epochs)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="bf16 autocast or fp32 (auto: bf16 where the CPU has it natively)")
     ap.add_argument("--width", type=int, default=EmotionTrainConfig.width)
     ap.add_argument("--init", type=Path, help="start from another run's best.pt/last.pt weights (same width)")
     ap.add_argument("--lr", type=float, default=EmotionTrainConfig.lr, help="peak learning rate of the cosine schedule")
@@ -240,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label-smoothing", type=float, default=EmotionTrainConfig.label_smoothing)
     ap.add_argument("--cutout-p", type=float, default=EmotionTrainConfig.cutout_p)
     ap.add_argument("--max-rotation", type=float, default=EmotionTrainConfig.max_rotation_deg, help="degrees")
+    ap.add_argument("--order-seed", type=int, help="seed of batch order and augmentation (default: the split's seed)")
+    ap.add_argument("--keep-epochs", action="store_true", help="keep every epoch's weights as epoch-NN.pt")
     ap.add_argument("--export", type=Path, help="after training, write best.pt as fp16 app weights here")
     ap.add_argument("--framing", type=Path, default=Path("docs/results/fer_framing.json"),
                     help="bench/fit_fer_framing.py's result; its framing goes into the exported weights")
@@ -251,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                              init_from=str(args.init.expanduser()) if args.init else None,
                              lr=args.lr, warmup_epochs=args.warmup_epochs, dropout=args.dropout,
                              label_smoothing=args.label_smoothing, cutout_p=args.cutout_p,
-                             max_rotation_deg=args.max_rotation)
+                             max_rotation_deg=args.max_rotation, order_seed=args.order_seed,
+                             keep_epochs=args.keep_epochs, precision=args.precision)
     result = train(args.fer.expanduser(), args.out.expanduser(), cfg)
     log.info("finished: best select accuracy %.4f", result["best_select_accuracy"])
     if args.export:
