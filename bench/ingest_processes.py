@@ -130,6 +130,17 @@ def run_queue(n_processes: int, photos: list[tuple[str, bytes]], attributes: boo
             "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]}
 
 
+def _cpu_model() -> str:
+    """"AMD EPYC (family 25, model 17)": the name alone does not tell Zen 3 from Zen 4 here."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
+    except OSError:
+        return ""
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
 def main() -> None:
     from bench.speed import _photos
 
@@ -139,25 +150,45 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-attributes", action="store_true", help="face attributes off (FACELAB_ATTRIBUTES=0)")
     ap.add_argument("--modes", nargs="+", choices=("shares", "queue"), default=["shares", "queue"])
+    ap.add_argument("--precisions", nargs="+", choices=("auto", "fp32"), default=["auto"],
+                    help="the embedder's precision in the workers, interleaved in each round: auto (bf16 "
+                         "where the CPU has it natively) and/or fp32 (FACELAB_CPU_BF16=0)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "ingest_processes.json")
     args = ap.parse_args()
     photos = _photos(args.photos)
-    result: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    from models.cpu_features import cpu_native_bf16
+
+    result: dict = {"machine": f"{_cpu_model() or platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                    # the embedder's "auto" precision: bf16 where native (a different machine
+                    # than an fp32 one, so the two are never compared as before/after)
+                    "native_bf16": cpu_native_bf16(),
                     "command": "python " + " ".join(sys.argv), "runs": []}
     runners = {"shares": run, "queue": run_queue}
+    def key(mode: str, n: int, precision: str) -> str:
+        return f"{mode} x{n}" + (f" {precision}" if len(args.precisions) > 1 else "")
+
     for round_ in range(args.rounds):
         for n in args.processes:
-            for mode in args.modes:
-                row = {"round": round_ + 1, "mode": mode, **runners[mode](n, photos, attributes=not args.no_attributes)}
-                print(json.dumps(row), flush=True)
-                result["runs"].append(row)
-    best = {f"{mode} x{n}": max(r["photos_per_s"] for r in result["runs"] if r["processes"] == n and r["mode"] == mode)
-            for mode in args.modes for n in args.processes}
+            for precision in args.precisions:
+                # the spawned workers inherit the environment: FACELAB_CPU_BF16=0 keeps them on fp32
+                if precision == "fp32":
+                    os.environ["FACELAB_CPU_BF16"] = "0"
+                else:
+                    os.environ.pop("FACELAB_CPU_BF16", None)
+                for mode in args.modes:
+                    row = {"round": round_ + 1, "mode": mode, "precision": precision,
+                           **runners[mode](n, photos, attributes=not args.no_attributes)}
+                    print(json.dumps(row), flush=True)
+                    result["runs"].append(row)
+    best = {key(mode, n, p): max(r["photos_per_s"] for r in result["runs"]
+                                 if r["processes"] == n and r["mode"] == mode and r["precision"] == p)
+            for mode in args.modes for n in args.processes for p in args.precisions}
     result["best_photos_per_s"] = best
     for mode in args.modes:
-        if f"{mode} x1" in best:
-            result.setdefault("speedup_vs_one_process", {}).update(
-                {k: v / best[f"{mode} x1"] for k, v in best.items() if k.startswith(mode)})
+        for p in args.precisions:
+            if key(mode, 1, p) in best:
+                result.setdefault("speedup_vs_one_process", {}).update(
+                    {key(mode, n, p): best[key(mode, n, p)] / best[key(mode, 1, p)] for n in args.processes})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("best_photos_per_s", "speedup_vs_one_process") if k in result}))
