@@ -3,6 +3,9 @@
     nice -n 19 python bench/attributes_eval.py --fer ~/facelab-extra/fer2013/archive \
         --fer-run ~/facelab-runs/attributes/emotion --utk-prepared ~/facelab-runs/attributes/utk \
         --utk-run ~/facelab-runs/attributes/age_gender [--out docs/results]
+    # new emotion weights only (the UTKFace part kept, if the age/gender file is unchanged):
+    nice -n 19 python bench/attributes_eval.py --fer ~/facelab-extra/fer2013/archive \
+        --fer-run ~/facelab-runs/attributes/emotion --emotion-only
 
 Evaluates the files in ``models/weights/`` (fp16, as the app loads them), never a
 training checkpoint:
@@ -131,12 +134,34 @@ def eval_utk(model: FaceAttributeModel, prepared: Path, run_dir: Path, utk_root:
     return out, age_pred, age
 
 
+def _age_gender_sha(version: str) -> str:
+    """The age/gender weights' digest in an attribute version ("attr-emo<sha>-ag<sha>[-...]")."""
+    return version.split("-ag", 1)[1].split("-", 1)[0] if "-ag" in version else ""
+
+
+def _utk_kept_from(previous: Path, version: str) -> dict:
+    """The UTKFace section of an earlier run of this script, if it measured the same
+    age/gender weights file as ``version`` names (else there is nothing to keep)."""
+    if not previous.is_file():
+        raise SystemExit(f"--emotion-only keeps the UTKFace results of {previous}, which does not exist")
+    doc = json.loads(previous.read_text())
+    before, now = _age_gender_sha(doc["weights"]["version"]), _age_gender_sha(version)
+    if not now or before != now:
+        raise SystemExit(f"--emotion-only: {previous} measured age/gender weights {before or '?'}, "
+                         f"the shipped ones are {now or '?'}; run the full evaluation")
+    return {**doc["utkface_test"], "kept_from": f"an earlier run of this script ({doc['command']}), "
+                                                 f"same age/gender weights ({now})"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fer", type=Path, required=True)
     ap.add_argument("--fer-run", type=Path, required=True, help="emotion run folder (FER array caches, history)")
-    ap.add_argument("--utk-prepared", type=Path, required=True)
-    ap.add_argument("--utk-run", type=Path, required=True, help="age/gender run folder (history)")
+    ap.add_argument("--utk-prepared", type=Path, help="utk_data's prepared activations (required unless --emotion-only)")
+    ap.add_argument("--utk-run", type=Path, help="age/gender run folder (history; required unless --emotion-only)")
+    ap.add_argument("--emotion-only", action="store_true",
+                    help="evaluate the emotion weights only; the UTKFace section and its plot are kept from the "
+                         "existing attributes_eval.json, which must be of the same age/gender weights file")
     ap.add_argument("--utk", type=Path, help="UTKFace image folder, for the app-path sample")
     ap.add_argument("--app-sample", type=int, default=200)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results")
@@ -146,10 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     model.load()
     if model.missing_note():
         raise SystemExit(model.missing_note())
+    previous_path = args.out / "attributes_eval.json"
+    if args.emotion_only:
+        utk, age_pred = _utk_kept_from(previous_path, model.version), None
+    elif args.utk_prepared is None or args.utk_run is None:
+        raise SystemExit("--utk-prepared and --utk-run are needed (or --emotion-only)")
     framing_doc = json.loads((REPO / "docs" / "results" / "fer_framing.json").read_text())
     fer = eval_fer(model, args.fer.expanduser(), args.fer_run.expanduser(), framing_doc["seed_box_for_the_rest"])
-    utk, age_pred, age = eval_utk(model, args.utk_prepared.expanduser(), args.utk_run.expanduser(),
-                                  args.utk.expanduser() if args.utk else None, args.app_sample)
+    if not args.emotion_only:
+        utk, age_pred, age = eval_utk(model, args.utk_prepared.expanduser(), args.utk_run.expanduser(),
+                                      args.utk.expanduser() if args.utk else None, args.app_sample)
     doc = {
         "what": "test-set results of models/weights/emotion-fer2013.pt and age-gender-utkface.pt (fp16, as shipped)",
         "command": "python " + " ".join(sys.argv),
@@ -162,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     app = fer["app_path"]
     ev.plot_confusion(np.array(app["confusion"]), EMOTIONS, args.out / "attributes_emotion_confusion.png",
                       f"FER2013 test through the app's path: accuracy {app['accuracy']:.3f} (n={app['n']})")
-    ev.plot_age_errors(age_pred, age, args.out / "attributes_age_errors.png",
-                       f"UTKFace test split (n={len(age)}): age estimate errors")
+    if age_pred is not None:
+        ev.plot_age_errors(age_pred, age, args.out / "attributes_age_errors.png",
+                           f"UTKFace test split (n={len(age)}): age estimate errors")
     hist_e = json.loads((args.fer_run.expanduser() / "history.json").read_text())
     ev.plot_training_curves(hist_e, ["train_accuracy", "select_accuracy"], args.out / "attributes_training_curves.png",
                             "Emotion CNN on FER2013 (select = 10 % of train, held out)")

@@ -77,6 +77,10 @@ class EmotionTrainConfig:
     #: stay fp32); "fp32"; "auto" = bf16 where the CPU computes it natively
     #: (``models.cpu_features``), fp32 where it would be emulated (~20x slower)
     precision: str = "auto"
+    #: the share of training faces shown as the app frames them (``fer_app_frames``:
+    #: detector, landmarks, our FER framing) instead of FER's own crop; > 0 also scores the
+    #: select split both ways and picks the best epoch on the app's frames, what users see
+    app_frames_p: float = 0.0
     #: start from these weights (another run's best.pt/last.pt), not from random ones
     init_from: str | None = None
     #: augmentation
@@ -172,6 +176,14 @@ def train(fer_root: Path, out: Path, cfg: EmotionTrainConfig) -> dict:
         split_file.write_text(json.dumps({"seed": cfg.seed, "select": [names[i] for i in select]}))
     tr_x, tr_y = torch.from_numpy(images[keep]).unsqueeze(1), torch.from_numpy(labels[keep])
     se_x, se_y = images[select], labels[select]
+    tr_app = se_app = None
+    if cfg.app_frames_p > 0:
+        from models.training.fer_app_frames import load_app_frames
+
+        app, _, _ = load_app_frames(out, "train", fer_root)
+        tr_app, se_app = torch.from_numpy(app[keep]).unsqueeze(1), app[select]
+        log.info("%.0f %% of training faces framed by the app's path; best epoch chosen on the app's frames",
+                 100 * cfg.app_frames_p)
     log.info("FER2013 train %d = %d training + %d select (seed %d)", len(labels), len(keep), len(select), cfg.seed)
 
     precision = cpu_precision() if cfg.precision == "auto" else cfg.precision
@@ -209,7 +221,11 @@ def train(fer_root: Path, out: Path, cfg: EmotionTrainConfig) -> dict:
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total_steps, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            x, y = augment_batch(tr_x[idx], cfg, g), tr_y[idx]
+            frames = tr_x[idx]
+            if tr_app is not None:
+                use_app = torch.rand(len(idx), generator=g) < cfg.app_frames_p
+                frames = torch.where(use_app.view(-1, 1, 1, 1), tr_app[idx], frames)
+            x, y = augment_batch(frames, cfg, g), tr_y[idx]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits = net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
@@ -226,11 +242,18 @@ def train(fer_root: Path, out: Path, cfg: EmotionTrainConfig) -> dict:
                 log.info("epoch %d/%d step %d/%d loss %.4f train acc %.4f | %.1f img/s | ETA %s",
                          epoch + 1, cfg.epochs, i + 1, steps_per_epoch, loss_sum / seen, correct / seen,
                          rate * cfg.batch_size, _hours(eta))
-        select_acc, _ = evaluate(net, se_x, se_y)
+        select_native, _ = evaluate(net, se_x, se_y)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-               "select_accuracy": select_acc, "seconds": time.time() - t0, "lr_end": opt.param_groups[0]["lr"]}
+               "select_accuracy": select_native, "seconds": time.time() - t0, "lr_end": opt.param_groups[0]["lr"]}
+        select_acc = select_native
+        if se_app is not None:
+            select_acc = row["select_accuracy_app"] = evaluate(net, se_app, se_y)[0]
+            row["select_accuracy_native"] = select_native
+            row["select_accuracy"] = select_acc  # what picks the epoch
         history.append(row)
-        log.info("epoch %d done: select accuracy %.4f (%.0f s)", epoch + 1, select_acc, row["seconds"])
+        log.info("epoch %d done: select accuracy %.4f%s (%.0f s)", epoch + 1, select_acc,
+                 f" on the app's frames (FER's framing: {select_native:.4f})" if se_app is not None else "",
+                 row["seconds"])
         state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         if select_acc > best:
             best = select_acc
@@ -260,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label-smoothing", type=float, default=EmotionTrainConfig.label_smoothing)
     ap.add_argument("--cutout-p", type=float, default=EmotionTrainConfig.cutout_p)
     ap.add_argument("--max-rotation", type=float, default=EmotionTrainConfig.max_rotation_deg, help="degrees")
+    ap.add_argument("--app-frames-p", type=float, default=0.0,
+                    help="share of training faces framed by the app's path (models.training.fer_app_frames); "
+                         "> 0 picks the best epoch on the app's frames of the select split")
     ap.add_argument("--order-seed", type=int, help="seed of batch order and augmentation (default: the split's seed)")
     ap.add_argument("--keep-epochs", action="store_true", help="keep every epoch's weights as epoch-NN.pt")
     ap.add_argument("--export", type=Path, help="after training, write best.pt as fp16 app weights here")
@@ -274,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                              lr=args.lr, warmup_epochs=args.warmup_epochs, dropout=args.dropout,
                              label_smoothing=args.label_smoothing, cutout_p=args.cutout_p,
                              max_rotation_deg=args.max_rotation, order_seed=args.order_seed,
-                             keep_epochs=args.keep_epochs, precision=args.precision)
+                             keep_epochs=args.keep_epochs, precision=args.precision,
+                             app_frames_p=args.app_frames_p)
     result = train(args.fer.expanduser(), args.out.expanduser(), cfg)
     log.info("finished: best select accuracy %.4f", result["best_select_accuracy"])
     if args.export:
