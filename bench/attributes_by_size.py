@@ -190,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fer", type=Path, required=True)
     ap.add_argument("--fer-run", type=Path, required=True, help="emotion run folder with the FER array cache")
-    ap.add_argument("--utk-prepared", type=Path, required=True)
+    ap.add_argument("--utk-prepared", type=Path, help="utk_data's prepared activations (required unless --emotion-only)")
+    ap.add_argument("--emotion-only", action="store_true",
+                    help="measure the emotion model only; the age/gender curves are kept from the existing "
+                         "attributes_by_size.json, which must be of the same age/gender weights file")
     ap.add_argument("--utk-limit", type=int, default=1500, help="UTKFace select faces used")
     ap.add_argument("--tolerance-emotion", type=float, default=0.03, help="accuracy points below full resolution")
     ap.add_argument("--tolerance-age", type=float, default=1.0, help="years of MAE above full resolution")
@@ -203,7 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     factors = box_to_input_factors(model)
     print(factors, flush=True)
     emotion = emotion_by_size(model, args.fer.expanduser(), args.fer_run.expanduser(), factors["frame_per_box_side"])
-    age_gender = age_gender_by_size(model, args.utk_prepared.expanduser(), factors["chip_per_box_side"], args.utk_limit)
+    kept = {}
+    if args.emotion_only:
+        previous = json.loads((args.out / "attributes_by_size.json").read_text())
+        before, now = (v.split("-ag", 1)[1].split("-", 1)[0] for v in (previous["weights_version"], model.version))
+        if before != now:
+            raise SystemExit(f"--emotion-only: the kept age/gender curves are of weights {before}, "
+                             f"the shipped ones are {now}; run without --emotion-only")
+        age_gender = previous["age_gender"]
+        kept = {"age_gender_kept_from": previous["command"]}
+    elif args.utk_prepared is None:
+        raise SystemExit("--utk-prepared is needed (or --emotion-only)")
+    else:
+        age_gender = age_gender_by_size(model, args.utk_prepared.expanduser(), factors["chip_per_box_side"],
+                                        args.utk_limit)
     chosen = {"emotion": smallest_readable(emotion, {"accuracy": args.tolerance_emotion}),
               "age_gender": smallest_readable(age_gender, {"age_mae": args.tolerance_age,
                                                            "gender_accuracy": args.tolerance_gender})}
@@ -211,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
            "weights_version": model.version, "factors": factors,
            "tolerances": {"emotion": args.tolerance_emotion, "age_years": args.tolerance_age,
                           "gender": args.tolerance_gender},
-           "smallest_readable_box_side": chosen, "emotion": emotion, "age_gender": age_gender}
+           "smallest_readable_box_side": chosen, "emotion": emotion, "age_gender": age_gender, **kept}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "attributes_by_size.json").write_text(json.dumps(doc, indent=1) + "\n")
     plot(emotion, age_gender, chosen, args.out / "attributes_by_size.png")

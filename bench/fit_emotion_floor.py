@@ -8,7 +8,9 @@ The app names a face's emotion only when the top probability reaches
 The floor is the lowest probability (0.30 ... 0.95, steps of 0.05) at which the faces it
 names are right at least ``--target`` of the time **on the run's select split** (FER2013
 train images held out from training; ``split.json``), with the weights as shipped (fp16,
-FER's own framing: centre crop + mirror). FER2013's test folder is not read here.
+centre crop + mirror), on FER's own crops (``--frames native``) or on the frames the
+app's path cuts from them (``--frames app``, ``models.training.fer_app_frames``: what the
+floor is applied to in the app). FER2013's test folder is not read here.
 """
 
 from __future__ import annotations
@@ -33,10 +35,16 @@ def main() -> int:
     ap.add_argument("--run", type=Path, required=True, help="emotion run folder (fer_train.npz, split.json)")
     ap.add_argument("--weights", type=Path, default=EMOTION_WEIGHTS)
     ap.add_argument("--target", type=float, default=0.8)
+    ap.add_argument("--frames", choices=("native", "app"), default="native",
+                    help="FER's own crops, or the frames the app's path cuts (cached in the run folder)")
     ap.add_argument("--out", type=Path, default=Path("docs/results/emotion_floor.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     images, labels, names = load_fer_split(None, "train", cache_dir=args.run.expanduser())
+    if args.frames == "app":
+        from models.training.fer_app_frames import load_app_frames
+
+        images = load_app_frames(args.run.expanduser(), "train")[0]
     select = set(json.loads((args.run.expanduser() / "split.json").read_text())["select"])
     idx = np.array([i for i, n in enumerate(names) if n in select])
     model = FaceAttributeModel(emotion_path=args.weights, age_gender_path=None)
@@ -53,7 +61,7 @@ def main() -> int:
                      "accuracy_of_named": float(right[named].mean()) if named.any() else None})
     chosen = next((r for r in rows if r["accuracy_of_named"] is not None and r["accuracy_of_named"] >= args.target), None)
     out = {"what": "emotion confidence floor chosen on the select split (FER2013 train, held out from training)",
-           "weights": args.weights.name, "select_faces": int(len(idx)), "select_accuracy": float(right.mean()),
+           "weights": args.weights.name, "frames": args.frames, "select_faces": int(len(idx)), "select_accuracy": float(right.mean()),
            "target_accuracy_of_named": args.target, "chosen": chosen, "floors": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
