@@ -37,7 +37,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from models.attributes.analyzer import FaceAttributeModel  # noqa: E402
+from models.attributes.analyzer import FaceAttributeModel, age_gender_digest  # noqa: E402
 from models.attributes.emotion_net import EMOTIONS, predict_proba  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = {}
     if args.emotion_only:
         previous = json.loads((args.out / "attributes_by_size.json").read_text())
-        before, now = (v.split("-ag", 1)[1].split("-", 1)[0] for v in (previous["weights_version"], model.version))
+        before, now = age_gender_digest(previous["weights_version"]), age_gender_digest(model.version)
         if before != now:
             raise SystemExit(f"--emotion-only: the kept age/gender curves are of weights {before}, "
                              f"the shipped ones are {now}; run without --emotion-only")

@@ -46,6 +46,7 @@ from models.attributes.analyzer import (  # noqa: E402
     EMOTION_MIN_CONFIDENCE,
     EMOTION_WEIGHTS,
     FaceAttributeModel,
+    age_gender_digest,
 )
 from models.attributes.emotion_net import EMOTIONS, predict_proba  # noqa: E402
 from models.attributes.framing import fer_frames  # noqa: E402
@@ -134,18 +135,13 @@ def eval_utk(model: FaceAttributeModel, prepared: Path, run_dir: Path, utk_root:
     return out, age_pred, age
 
 
-def _age_gender_sha(version: str) -> str:
-    """The age/gender weights' digest in an attribute version ("attr-emo<sha>-ag<sha>[-...]")."""
-    return version.split("-ag", 1)[1].split("-", 1)[0] if "-ag" in version else ""
-
-
 def _utk_kept_from(previous: Path, version: str) -> dict:
     """The UTKFace section of an earlier run of this script, if it measured the same
     age/gender weights file as ``version`` names (else there is nothing to keep)."""
     if not previous.is_file():
         raise SystemExit(f"--emotion-only keeps the UTKFace results of {previous}, which does not exist")
     doc = json.loads(previous.read_text())
-    before, now = _age_gender_sha(doc["weights"]["version"]), _age_gender_sha(version)
+    before, now = age_gender_digest(doc["weights"]["version"]), age_gender_digest(version)
     if not now or before != now:
         raise SystemExit(f"--emotion-only: {previous} measured age/gender weights {before or '?'}, "
                          f"the shipped ones are {now or '?'}; run the full evaluation")

@@ -74,6 +74,12 @@ def models_in_version(version: str) -> tuple[bool, bool]:
     string ("attr-emo<sha|none>-ag<sha|none>[-min..]"): which fields of a row stored under
     it were computed, so an empty one means "too small", not "no model"."""
     return not version.startswith("attr-emonone"), "-agnone" not in version
+
+
+def age_gender_digest(version: str) -> str:
+    """The age/gender weights' digest in a ``FaceAttributeModel.version`` ("" if none):
+    whether two versions scored the same age/gender file, whatever the emotion file."""
+    return version.split("-ag", 1)[1].split("-", 1)[0] if "-ag" in version else ""
 AGE_GENDER_FORMAT = "facelab-age-gender/1"
 HOW_TO_GET = {
     "emotion": "It ships with FaceLab (git checkout of models/weights/); to train it again: "
