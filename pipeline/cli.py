@@ -84,7 +84,8 @@ def ingest_command(lab: Lab, paths: Sequence[Path], chunk: int = 64, workers: in
                     refused += 1
                     tqdm.write(f"refused {result.name}: {result.error}", file=sys.stderr)
                 duplicates += result.duplicate
-                faces += len(result.faces)
+                # a photo already in the library brings no new faces (its stored ones come back)
+                faces += 0 if result.duplicate else len(result.faces)
             bar.update(len(files))
             bar.set_postfix(faces=faces, refused=refused)
 
@@ -98,7 +99,7 @@ def ingest_command(lab: Lab, paths: Sequence[Path], chunk: int = 64, workers: in
         else:
             for start in range(0, len(uploads), chunk):
                 counted(ingest(lab, uploads[start : start + chunk]).files)
-    print(f"{len(uploads) - refused} image(s) imported ({duplicates} already present), {faces} face(s), {refused} refused")
+    print(f"{len(uploads) - refused} image(s) imported ({duplicates} already present), {faces} new face(s), {refused} refused")
     return 1 if refused else 0
 
 
