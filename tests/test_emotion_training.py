@@ -68,3 +68,6 @@ def test_a_run_on_app_frames_scores_select_both_ways_and_resumes(fer_root: Path,
 def test_precision_must_be_known(fer_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="precision"):
         train(fer_root, tmp_path, EmotionTrainConfig(epochs=1, width=8, batch_size=8, precision="fp16"))
+    with pytest.raises(ValueError, match="app_frames_p"):
+        train(fer_root, tmp_path, EmotionTrainConfig(epochs=1, width=8, batch_size=8, app_frames_p=1.5))
+    assert not (tmp_path / "fer_train.npz").exists()  # refused before any data was read

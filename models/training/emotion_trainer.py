@@ -167,6 +167,13 @@ def export_weights(checkpoint: Path | str, out: Path | str, extra_meta: dict | N
 
 
 def train(fer_root: Path, out: Path, cfg: EmotionTrainConfig) -> dict:
+    # settings first: a typo should not cost the minute of reading FER2013 and its app frames
+    precision = cpu_precision() if cfg.precision == "auto" else cfg.precision
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if not 0.0 <= cfg.app_frames_p <= 1.0:
+        raise ValueError(f"app_frames_p is a share of the training faces (0 to 1), got {cfg.app_frames_p}")
+    log.info("precision: %s", precision)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     images, labels, names = load_fer_split(fer_root, "train", cache_dir=out)
@@ -186,10 +193,6 @@ def train(fer_root: Path, out: Path, cfg: EmotionTrainConfig) -> dict:
                  100 * cfg.app_frames_p)
     log.info("FER2013 train %d = %d training + %d select (seed %d)", len(labels), len(keep), len(select), cfg.seed)
 
-    precision = cpu_precision() if cfg.precision == "auto" else cfg.precision
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
-    log.info("precision: %s", precision)
     torch.manual_seed(cfg.seed)
     net = EmotionNet(cfg.width, dropout=cfg.dropout).to(memory_format=torch.channels_last)
     if cfg.init_from and not (out / "last.pt").is_file():
