@@ -16,6 +16,10 @@ default), interleaved so machine load hits all alike:
   activations at the age/gender model's cut, then ``predict(..., trunk=)`` (the age/gender
   tail only). Its excess over ``embedder`` is what attributes cost in ingest.
 
+``--emotion-candidate FILE`` adds ``emotion_candidate``: the emotion part with another
+weights file (e.g. an ensemble from ``models.training.emotion_ensemble``), timed in the
+same loop, and its ratio to the shipped ``emotion``.
+
 Reported per face: median wall-clock ms and median CPU ms (thread time, which a busy
 shared machine inflates less), and the ratio attributes / embedder.
 """
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", type=Path, default=Path("docs/results/attributes_speed.json"))
+    ap.add_argument("--emotion-candidate", type=Path, help="another emotion weights file, timed beside the shipped one")
     args = ap.parse_args(argv)
     import torch
 
@@ -79,13 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     full = model
     emo_only = FaceAttributeModel(age_gender_path=None)
     ag_only = FaceAttributeModel(emotion_path=None)
+    candidate = FaceAttributeModel(emotion_path=args.emotion_candidate, age_gender_path=None) \
+        if args.emotion_candidate else None
+    if candidate is not None and candidate.missing_note():
+        raise SystemExit(candidate.missing_note())
     work = []
     for name, img in photos():
         boxes = landmarker.predict(img, detector.detect(img))
         if boxes:
             work.append((name, img, boxes))
     n_faces = sum(len(b) for _, _, b in work)
-    for m in (full, emo_only, ag_only):
+    for m in (full, emo_only, ag_only) + ((candidate,) if candidate else ()):
         m.predict(work[0][1], work[0][2])  # load + warm up
     embedder.embed(work[0][1], work[0][2])
     cut = full.trunk_cut_for(embedder.network_version, embedder.flip)
@@ -96,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = {"attributes": full.predict, "emotion": emo_only.predict, "age_gender": ag_only.predict,
             "embedder": embedder.embed, "embedder_and_attributes_shared": shared}
+    if candidate is not None:
+        runs["emotion_candidate"] = candidate.predict
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     load_before = os.getloadavg()
     for _ in range(args.repeats):
@@ -117,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         "attributes_in_ingest_cpu_ms_per_face": round(result["embedder_and_attributes_shared"]["cpu_ms_per_face_median"]
                                                       - result["embedder"]["cpu_ms_per_face_median"], 2),
         "attribute_model": full.version, "embedder": embedder.version,
+        **({"emotion_candidate": {"weights": str(args.emotion_candidate), "version": candidate.version,
+                                  "ratio_to_emotion_cpu": round(result["emotion_candidate"]["cpu_ms_per_face_median"]
+                                                                / result["emotion"]["cpu_ms_per_face_median"], 3)}}
+           if candidate is not None else {}),
         "load_average_before_after": [round(v, 2) for v in (*load_before[:1], os.getloadavg()[0])],
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "torch": torch.__version__},

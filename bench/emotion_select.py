@@ -1,7 +1,8 @@
 """Emotion weights compared on the select split, the way the app would load and use them.
 
     python bench/emotion_select.py --run ~/facelab-runs/attributes/emotion-app \
-        models/weights/emotion-fer2013.pt CANDIDATE.pt ... [--out docs/results/emotion_select.json]
+        models/weights/emotion-fer2013.pt CANDIDATE.pt ... [--average 0,1 ...] \
+        [--out docs/results/emotion_select.json]
 
 Every file is an exported app weights file (fp16, ``emotion_trainer --export``), loaded
 by ``FaceAttributeModel`` as the app loads it (BatchNorm folded). Scored on the select
@@ -11,6 +12,9 @@ same faces for every run trained with that seed; FER2013's test folder is not re
 * ``native``: FER's own crop (centre 40 px + mirror), the protocol FER2013 results use;
 * ``app``: the frames the app's path cuts (``models.training.fer_app_frames``: detector,
   dlib landmarks, our FER framing), what users get.
+
+``--average 0,1`` also scores the probability average of the first two files (what
+``models.training.emotion_ensemble`` would build from them), from the same probabilities.
 
 This is where a new model is chosen against the shipped one; the test set is read only
 afterwards, by ``bench/attributes_eval.py``, for the one chosen.
@@ -35,10 +39,24 @@ from models.training.fer_app_frames import load_app_frames  # noqa: E402
 from models.training.fer_data import load_fer_split  # noqa: E402
 
 
-def _accuracy(net, frames: np.ndarray, labels: np.ndarray) -> float:
-    p = np.concatenate([predict_proba(net, torch.from_numpy(frames[s : s + 256]).unsqueeze(1)).numpy()
-                        for s in range(0, len(frames), 256)])
+def _probabilities(net, frames: np.ndarray) -> np.ndarray:
+    return np.concatenate([predict_proba(net, torch.from_numpy(frames[s : s + 256]).unsqueeze(1)).numpy()
+                           for s in range(0, len(frames), 256)])
+
+
+def _accuracy(p: np.ndarray, labels: np.ndarray) -> float:
     return float((p.argmax(1) == labels).mean())
+
+
+def _members(spec: str, n: int) -> list[int]:
+    """'0,2' -> [0, 2]: positions in the weights list (0 = the first file)."""
+    try:
+        members = sorted({int(k) for k in spec.split(",")})
+    except ValueError:
+        raise SystemExit(f"--average {spec!r}: give positions in the weights list, e.g. 0,2") from None
+    if len(members) < 2 or members[0] < 0 or members[-1] >= n:
+        raise SystemExit(f"--average {spec!r}: two or more positions between 0 and {n - 1}")
+    return members
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, required=True,
                     help="a run folder with fer_train.npz, split.json and fer_train_app.npz")
     ap.add_argument("--fer", type=Path, help="FER2013 root, if the run folder has no caches yet")
+    ap.add_argument("--average", action="append", default=[], metavar="I,J[,K]",
+                    help="also score the probability average (an ensemble) of these files, by their "
+                         "positions in the weights list (0 = first); repeatable")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    averages = [_members(spec, len(args.weights)) for spec in args.average]
     torch.set_num_threads(1)
     run = args.run.expanduser()
     images, labels, names = load_fer_split(args.fer, "train", cache_dir=run)
@@ -56,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     split = json.loads((run / "split.json").read_text())
     select = set(split["select"])
     idx = np.array([i for i, n in enumerate(names) if n in select])
-    rows = []
+    rows, probs = [], []
     for path in args.weights:
         model = FaceAttributeModel(emotion_path=path, age_gender_path=None)
         model.load()
@@ -64,10 +86,18 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(model.missing_note())
         net = model._emotion.net  # noqa: SLF001 - the network as the app loads it
         meta = model._emotion.meta  # noqa: SLF001
+        probs.append((_probabilities(net, images[idx]), _probabilities(net, app[idx])))
         rows.append({"weights": str(path), "sha256": model._emotion.sha[:12],  # noqa: SLF001
-                     "width": int(meta["width"]), "epoch": meta.get("epoch"),
-                     "select_native": _accuracy(net, images[idx], labels[idx]),
-                     "select_app": _accuracy(net, app[idx], labels[idx])})
+                     "width": meta.get("width") or [m["width"] for m in meta["members"]],
+                     "epoch": meta.get("epoch"),
+                     "select_native": _accuracy(probs[-1][0], labels[idx]),
+                     "select_app": _accuracy(probs[-1][1], labels[idx])})
+        print(json.dumps(rows[-1]), flush=True)
+    for members in averages:
+        native = np.mean([probs[k][0] for k in members], axis=0)
+        app_p = np.mean([probs[k][1] for k in members], axis=0)
+        rows.append({"average_of": [str(args.weights[k]) for k in members],
+                     "select_native": _accuracy(native, labels[idx]), "select_app": _accuracy(app_p, labels[idx])})
         print(json.dumps(rows[-1]), flush=True)
     doc = {"what": "emotion weights on the select split (FER2013 train, held out; test not read)",
            "command": "python " + " ".join(sys.argv), "select_faces": int(len(idx)), "split_seed": split["seed"],

@@ -71,3 +71,43 @@ def test_precision_must_be_known(fer_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="app_frames_p"):
         train(fer_root, tmp_path, EmotionTrainConfig(epochs=1, width=8, batch_size=8, app_frames_p=1.5))
     assert not (tmp_path / "fer_train.npz").exists()  # refused before any data was read
+
+
+def test_distillation_learns_from_a_teacher_file(fer_root: Path, tmp_path: Path) -> None:
+    """With distill_weight 1 the labels do not enter the loss: a student taught by a
+    teacher file that gives every face one emotion learns to give every face that
+    emotion, which the labels alone do not teach it."""
+    import torch
+
+    from models.attributes.analyzer import EMOTION_FORMAT
+    from models.attributes.emotion_net import EmotionNet, predict_proba
+
+    base = EmotionTrainConfig(epochs=3, width=8, batch_size=8, precision="fp32", select_fraction=0.2)
+
+    def answers(cfg: EmotionTrainConfig, out: Path) -> np.ndarray:
+        train(fer_root, out, cfg)
+        student = EmotionNet(8)
+        student.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
+        frames = torch.from_numpy(np.load(out / "fer_train.npz")["images"]).unsqueeze(1)
+        return predict_proba(student.eval(), frames).argmax(1).numpy()
+
+    # every face here is the astronaut, so a tiny student may well settle on one class:
+    # the teacher's class is one the labels-only student gives least
+    labels_only = answers(base, tmp_path / "labels")
+    target = int(np.argmin(np.bincount(labels_only, minlength=len(EMOTIONS))))
+    net = EmotionNet(8)
+    with torch.no_grad():
+        net.classifier.weight.zero_()
+        net.classifier.bias.copy_(torch.nn.functional.one_hot(torch.tensor(target), len(EMOTIONS)) * 4.0)
+    teacher = tmp_path / "one-emotion.pt"
+    torch.save({"format": EMOTION_FORMAT, "state_dict": {k: v.half() if v.is_floating_point() else v
+                                                         for k, v in net.state_dict().items()},
+                "meta": {"emotions": list(EMOTIONS), "width": 8, "dropout": 0.3,
+                         "framing": {"dx": 0.0, "dy": 0.0, "scale": 1.6}}}, teacher)
+    taught = answers(EmotionTrainConfig(**{**base.__dict__, "teacher": str(teacher), "distill_weight": 1.0}),
+                     tmp_path / "taught")
+    assert (taught == target).mean() > 0.9 and (labels_only == target).mean() < 0.5, (target, taught, labels_only)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        train(fer_root, tmp_path / "s2", EmotionTrainConfig(**{**base.__dict__, "teacher": str(tmp_path / "missing.pt")}))
+    with pytest.raises(ValueError, match="distill_weight"):
+        train(fer_root, tmp_path / "s3", EmotionTrainConfig(**{**base.__dict__, "distill_weight": 1.5}))

@@ -3,7 +3,9 @@
 Two small weight files, each optional (the app runs without them, attributes absent):
 
 * ``models/weights/emotion-fer2013.pt``: the emotion CNN (``emotion_net``) and the FER
-  framing it expects (``framing``), trained by ``models.training.emotion_trainer``;
+  framing it expects (``framing``), trained by ``models.training.emotion_trainer``; or
+  several such CNNs whose probabilities are averaged (an ensemble file, written by
+  ``models.training.emotion_ensemble``);
 * ``models/weights/age-gender-utkface.pt``: the trainable tail and heads of the
   age/gender model (``age_gender_net``), trained by
   ``models.training.age_gender_trainer`` on dlib-network activations; the frozen front
@@ -32,7 +34,7 @@ import torch
 
 from models.align import face_chips, mirror_boxes
 from models.attributes.age_gender_net import AgeGenderNet, expected_age
-from models.attributes.emotion_net import EMOTIONS, EmotionNet, fold_batch_norm, predict_proba
+from models.attributes.emotion_net import EMOTIONS, EmotionEnsemble, EmotionNet, fold_batch_norm, predict_proba
 from models.attributes.framing import Framing, fer_frames
 from models.base import InferenceModel
 from models.errors import ModelInputError, WeightsNotFoundError
@@ -45,6 +47,9 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 EMOTION_WEIGHTS = WEIGHTS_DIR / "emotion-fer2013.pt"
 AGE_GENDER_WEIGHTS = WEIGHTS_DIR / "age-gender-utkface.pt"
 EMOTION_FORMAT = "facelab-emotion/1"
+#: several emotion networks in one file: ``members`` (fp16 state dicts) and ``meta["members"]``
+#: (each one's width, dropout, epoch...); one framing for all, in ``meta["framing"]``
+EMOTION_ENSEMBLE_FORMAT = "facelab-emotion-ensemble/1"
 #: the emotion is named only when its probability reaches this; below it the face's
 #: emotion is UNSURE (the probabilities are still stored). Chosen on the FER2013 select
 #: split (from train; bench/fit_emotion_floor.py: the lowest floor whose named faces are
@@ -135,12 +140,13 @@ class _Loaded:
 MODEL_NAMES = {"emotion": "emotion model", "age_gender": "age/gender model"}
 
 
-def _read(path: Path, fmt: str, what: str) -> dict:
+def _read(path: Path, formats: tuple[str, ...], what: str) -> dict:
     if not path.is_file():
         raise WeightsNotFoundError(MODEL_NAMES[what], path, HOW_TO_GET[what])
     doc = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(doc, dict) or doc.get("format") != fmt:
-        raise ModelInputError(f"{path}: not a {fmt} weights file (format {doc.get('format') if isinstance(doc, dict) else '?'})")
+    if not isinstance(doc, dict) or doc.get("format") not in formats:
+        raise ModelInputError(f"{path}: not a {' or '.join(formats)} weights file "
+                              f"(format {doc.get('format') if isinstance(doc, dict) else '?'})")
     return doc
 
 
@@ -189,20 +195,29 @@ class FaceAttributeModel(InferenceModel):
 
     @staticmethod
     def _load_emotion(path: Path) -> _Loaded:
-        doc = _read(path, EMOTION_FORMAT, "emotion")
+        doc = _read(path, (EMOTION_FORMAT, EMOTION_ENSEMBLE_FORMAT), "emotion")
         meta = doc["meta"]
         if list(meta["emotions"]) != list(EMOTIONS):
             raise ModelInputError(f"{path}: classes {meta['emotions']} differ from {list(EMOTIONS)}")
-        net = EmotionNet(int(meta["width"]), len(EMOTIONS), float(meta["dropout"]))
-        net.load_state_dict(_fp32(doc["state_dict"]))
-        net = fold_batch_norm(net.eval())
+
+        def network(member_meta: dict, state: dict) -> EmotionNet:
+            net = EmotionNet(int(member_meta["width"]), len(EMOTIONS), float(member_meta["dropout"]))
+            net.load_state_dict(_fp32(state))
+            return fold_batch_norm(net.eval())
+
+        if doc["format"] == EMOTION_ENSEMBLE_FORMAT:
+            if len(doc["members"]) != len(meta["members"]) or len(doc["members"]) < 2:
+                raise ModelInputError(f"{path}: an ensemble file needs two or more members, each with its meta")
+            net = EmotionEnsemble([network(m, st) for m, st in zip(meta["members"], doc["members"])]).eval()
+        else:
+            net = network(meta, doc["state_dict"])
         framing = Framing(**meta["framing"])
         return _Loaded(path, file_sha256(path), meta, net, {"framing": framing})
 
     def _load_age_gender(self, path: Path) -> _Loaded:
         from models.embedders.dlib_resnet import DlibEmbedder
 
-        doc = _read(path, AGE_GENDER_FORMAT, "age_gender")
+        doc = _read(path, (AGE_GENDER_FORMAT,), "age_gender")
         meta = doc["meta"]
         dlib = DlibEmbedder(align=False)  # raises WeightsNotFoundError naming dlib's file
         dlib.load()

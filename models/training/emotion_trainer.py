@@ -12,6 +12,10 @@ Augmentation runs on whole batches in torch (one affine resample per batch): ran
 0.9-1.1, horizontal flip, gamma 0.67-1.5 and a 12 px cutout on half of the faces.
 Brightness/contrast jitter would be pointless: every crop is standardised on its own.
 
+``--teacher FILE`` distils: the network also learns the probabilities an app weights
+file (e.g. an ensemble from ``models.training.emotion_ensemble``) gives each augmented
+batch, so one network can approach several networks' accuracy at one network's cost.
+
 Resumable: ``<out>/last.pt`` (model, optimiser, epoch, history) is written after every
 epoch and a rerun with the same ``--out`` continues from it; ``<out>/best.pt`` holds the
 epoch with the best select accuracy. Progress and ETA go to ``<out>/train.log``.
@@ -83,6 +87,12 @@ class EmotionTrainConfig:
     app_frames_p: float = 0.0
     #: start from these weights (another run's best.pt/last.pt), not from random ones
     init_from: str | None = None
+    #: knowledge distillation: an app emotion weights file (one network or an ensemble)
+    #: whose probabilities on each augmented batch the network also learns to match:
+    #: loss = (1 - w) * cross-entropy(labels) + w * T^2 * KL(teacher_T || student_T)
+    teacher: str | None = None
+    distill_weight: float = 0.7
+    distill_temperature: float = 2.0
     #: augmentation
     max_shift_px: float = 4.0
     max_rotation_deg: float = 15.0
@@ -166,6 +176,19 @@ def export_weights(checkpoint: Path | str, out: Path | str, extra_meta: dict | N
     return out
 
 
+def _load_teacher(path: Path) -> torch.nn.Module:
+    """The teacher as the app loads it (BatchNorm folded, eval mode; a missing file is
+    named). Its forward's softmax is its probabilities, ensemble or not."""
+    from models.attributes.analyzer import FaceAttributeModel
+
+    model = FaceAttributeModel(emotion_path=path, age_gender_path=None)
+    model.load()
+    if model.missing_note():
+        raise FileNotFoundError(model.missing_note())
+    log.info("distilling from %s (%s)", path, model.version)
+    return model._emotion.net  # noqa: SLF001 - the network as the app runs it
+
+
 def train(fer_root: Path, out: Path, cfg: EmotionTrainConfig) -> dict:
     # settings first: a typo should not cost the minute of reading FER2013 and its app frames
     precision = cpu_precision() if cfg.precision == "auto" else cfg.precision
@@ -173,6 +196,10 @@ def train(fer_root: Path, out: Path, cfg: EmotionTrainConfig) -> dict:
         raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
     if not 0.0 <= cfg.app_frames_p <= 1.0:
         raise ValueError(f"app_frames_p is a share of the training faces (0 to 1), got {cfg.app_frames_p}")
+    if not 0.0 <= cfg.distill_weight <= 1.0 or cfg.distill_temperature <= 0:
+        raise ValueError(f"distill_weight must be in [0, 1] and distill_temperature > 0, "
+                         f"got {cfg.distill_weight} and {cfg.distill_temperature}")
+    teacher = _load_teacher(Path(cfg.teacher)) if cfg.teacher else None
     log.info("precision: %s", precision)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -232,6 +259,12 @@ def train(fer_root: Path, out: Path, cfg: EmotionTrainConfig) -> dict:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits = net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = (teacher(x).float() / cfg.distill_temperature).log_softmax(dim=1)
+                    student = (logits.float() / cfg.distill_temperature).log_softmax(dim=1)
+                    kl = F.kl_div(student, target, log_target=True, reduction="batchmean")
+                    loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * cfg.distill_temperature**2 * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -286,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label-smoothing", type=float, default=EmotionTrainConfig.label_smoothing)
     ap.add_argument("--cutout-p", type=float, default=EmotionTrainConfig.cutout_p)
     ap.add_argument("--max-rotation", type=float, default=EmotionTrainConfig.max_rotation_deg, help="degrees")
+    ap.add_argument("--teacher", help="distil from this app emotion weights file (one network or an ensemble)")
+    ap.add_argument("--distill-weight", type=float, default=0.7)
+    ap.add_argument("--distill-temperature", type=float, default=2.0)
     ap.add_argument("--app-frames-p", type=float, default=0.0,
                     help="share of training faces framed by the app's path (models.training.fer_app_frames); "
                          "> 0 picks the best epoch on the app's frames of the select split")
@@ -304,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
                              label_smoothing=args.label_smoothing, cutout_p=args.cutout_p,
                              max_rotation_deg=args.max_rotation, order_seed=args.order_seed,
                              keep_epochs=args.keep_epochs, precision=args.precision,
-                             app_frames_p=args.app_frames_p)
+                             app_frames_p=args.app_frames_p,
+                             teacher=str(Path(args.teacher).expanduser()) if args.teacher else None,
+                             distill_weight=args.distill_weight, distill_temperature=args.distill_temperature)
     result = train(args.fer.expanduser(), args.out.expanduser(), cfg)
     log.info("finished: best select accuracy %.4f", result["best_select_accuracy"])
     if args.export:
