@@ -99,7 +99,11 @@ def ingest_command(lab: Lab, paths: Sequence[Path], chunk: int = 64, workers: in
         else:
             for start in range(0, len(uploads), chunk):
                 counted(ingest(lab, uploads[start : start + chunk]).files)
-    print(f"{len(uploads) - refused} image(s) imported ({duplicates} already present), {faces} new face(s), {refused} refused")
+    # "imported" counts only photos new to the library: a second run over the same folder
+    # said "61 image(s) imported (61 already present)", as if it had done something
+    new_images = len(uploads) - refused - duplicates
+    print(f"{new_images} new image(s) imported, {duplicates} already in the library, "
+          f"{faces} new face(s), {refused} refused")
     return 1 if refused else 0
 
 

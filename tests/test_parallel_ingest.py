@@ -48,7 +48,10 @@ def test_two_workers_store_every_photo_once_in_order(tmp_path: Path, database_ur
     out = capsys.readouterr()
     assert rc == 1  # one file refused
     assert "Ingesting (2 workers)" in out.err and "refused p901.jpg" in out.err
-    assert f"{n - 1} image(s) imported" in out.out
+    assert f"{n - 2} new image(s) imported, 1 already in the library" in out.out
+    with Lab.open(settings) as lab:  # the same folder again: nothing new, and the summary says so
+        assert ingest_command(lab, [folder], workers=1) == 1
+    assert f"0 new image(s) imported, {n - 1} already in the library, 0 new face(s), 1 refused" in capsys.readouterr().out
     with Lab.open(settings) as lab:
         with lab.sessions() as s:
             assert s.scalar(select(func.count()).select_from(Image)) == n - 2  # the duplicate stored once

@@ -66,7 +66,7 @@ def test_ingest_refuses_links_and_pipes_without_reading_them(tmp_path: Path) -> 
         "refused pipe.jpg: is a pipe, socket or device, not a file; not read",
         "refused linked.jpg: is a symbolic link, not read (copy the real file instead)",
     ]), proc.stderr[-2000:]
-    assert "1 image(s) imported" in proc.stdout
+    assert "1 new image(s) imported" in proc.stdout
     assert "root:" not in proc.stdout + proc.stderr
     with Lab.open(Settings(data_dir=data, match_threshold=0.8)) as lab:
         assert len(list(lab.images.iter_shas())) == 1  # only real.jpg
