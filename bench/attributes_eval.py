@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "what": "test-set results of models/weights/emotion-fer2013.pt and age-gender-utkface.pt (fp16, as shipped)",
         "command": "python " + " ".join(sys.argv),
         "weights": {"emotion": EMOTION_WEIGHTS.name, "age_gender": AGE_GENDER_WEIGHTS.name, "version": model.version},
+        # bf16 autocast where the CPU has it natively (the app's "auto"), else fp32
+        "emotion_precision": "bf16" if model.bf16 else "fp32",
         "fer2013_test": fer, "utkface_test": utk,
         "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
     }
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                            f"UTKFace test split (n={len(age)}): age estimate errors")
     hist_e = json.loads((args.fer_run.expanduser() / "history.json").read_text())
     ev.plot_training_curves(hist_e, ["train_accuracy", "select_accuracy"], args.out / "attributes_training_curves.png",
-                            "Emotion CNN on FER2013 (select = 10 % of train, held out)")
+                            f"Emotion CNN on FER2013, run {args.fer_run.expanduser().name} (select = 10 % of train, held out)")
     print(json.dumps({"fer_native": fer["native_framing"]["accuracy"], "fer_app": app["accuracy"],
                       "utk_mae": utk["all"]["age_mae"], "utk_gender": utk["all"]["gender_accuracy"]}, indent=1))
     return 0

@@ -23,6 +23,10 @@ Two ways of sharing the photos, interleaved in the same rounds:
 queue. Its clock starts when every worker has loaded its models; the workers do not
 ingest a warm-up photo first (the app does not), so their first batch also pays
 PyTorch's first-call costs, which the ``shares`` workers paid before the barrier.
+
+``--emotion-weights A B`` interleaves emotion weights files in each round (the workers
+read ``FACELAB_EMOTION_WEIGHTS``), so a new emotion model's cost to ingest is measured
+against the old one in the same run.
 """
 
 from __future__ import annotations
@@ -153,6 +157,9 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", choices=("auto", "fp32"), default=["auto"],
                     help="the embedder's precision in the workers, interleaved in each round: auto (bf16 "
                          "where the CPU has it natively) and/or fp32 (FACELAB_CPU_BF16=0)")
+    ap.add_argument("--emotion-weights", nargs="+", type=Path, default=[None],
+                    help="emotion weights files, interleaved in each round (FACELAB_EMOTION_WEIGHTS in the "
+                         "workers); default: the shipped one")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "ingest_processes.json")
     args = ap.parse_args()
     photos = _photos(args.photos)
@@ -164,8 +171,11 @@ def main() -> None:
                     "native_bf16": cpu_native_bf16(),
                     "command": "python " + " ".join(sys.argv), "runs": []}
     runners = {"shares": run, "queue": run_queue}
-    def key(mode: str, n: int, precision: str) -> str:
-        return f"{mode} x{n}" + (f" {precision}" if len(args.precisions) > 1 else "")
+    emotion_names = [w.name if w else "shipped" for w in args.emotion_weights]
+
+    def key(mode: str, n: int, precision: str, emotion: str) -> str:
+        return (f"{mode} x{n}" + (f" {precision}" if len(args.precisions) > 1 else "")
+                + (f" {emotion}" if len(emotion_names) > 1 else ""))
 
     for round_ in range(args.rounds):
         for n in args.processes:
@@ -175,20 +185,25 @@ def main() -> None:
                     os.environ["FACELAB_CPU_BF16"] = "0"
                 else:
                     os.environ.pop("FACELAB_CPU_BF16", None)
-                for mode in args.modes:
-                    row = {"round": round_ + 1, "mode": mode, "precision": precision,
-                           **runners[mode](n, photos, attributes=not args.no_attributes)}
-                    print(json.dumps(row), flush=True)
-                    result["runs"].append(row)
-    best = {key(mode, n, p): max(r["photos_per_s"] for r in result["runs"]
-                                 if r["processes"] == n and r["mode"] == mode and r["precision"] == p)
-            for mode in args.modes for n in args.processes for p in args.precisions}
+                for weights, emotion in zip(args.emotion_weights, emotion_names):
+                    if weights is None:
+                        os.environ.pop("FACELAB_EMOTION_WEIGHTS", None)
+                    else:
+                        os.environ["FACELAB_EMOTION_WEIGHTS"] = str(weights.resolve())
+                    for mode in args.modes:
+                        row = {"round": round_ + 1, "mode": mode, "precision": precision, "emotion": emotion,
+                               **runners[mode](n, photos, attributes=not args.no_attributes)}
+                        print(json.dumps(row), flush=True)
+                        result["runs"].append(row)
+    os.environ.pop("FACELAB_EMOTION_WEIGHTS", None)
+    combos = [(mode, n, p, e) for mode in args.modes for n in args.processes for p in args.precisions
+              for e in emotion_names]
+    best = {key(*c): max(r["photos_per_s"] for r in result["runs"]
+                         if (r["mode"], r["processes"], r["precision"], r["emotion"]) == c) for c in combos}
     result["best_photos_per_s"] = best
-    for mode in args.modes:
-        for p in args.precisions:
-            if key(mode, 1, p) in best:
-                result.setdefault("speedup_vs_one_process", {}).update(
-                    {key(mode, n, p): best[key(mode, n, p)] / best[key(mode, 1, p)] for n in args.processes})
+    for mode, n, p, e in combos:
+        if key(mode, 1, p, e) in best:
+            result.setdefault("speedup_vs_one_process", {})[key(mode, n, p, e)] = best[key(mode, n, p, e)] / best[key(mode, 1, p, e)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("best_photos_per_s", "speedup_vs_one_process") if k in result}))

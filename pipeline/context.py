@@ -98,7 +98,8 @@ class Lab:
             detector=create_detector(settings.detector),
             landmarker=landmarker,
             embedder=create_embedder(settings.embedder, landmark_detector=landmarker),
-            attributes=FaceAttributeModel(landmark_detector=landmarker) if settings.attributes else None,
+            attributes=(FaceAttributeModel(emotion_path=settings.emotion_weights, landmark_detector=landmarker)
+                        if settings.attributes else None),
         )
 
     # -- context manager -------------------------------------------------------------

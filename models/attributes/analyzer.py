@@ -37,6 +37,7 @@ from models.attributes.age_gender_net import AgeGenderNet, expected_age
 from models.attributes.emotion_net import EMOTIONS, EmotionEnsemble, EmotionNet, fold_batch_norm, predict_proba
 from models.attributes.framing import Framing, fer_frames
 from models.base import InferenceModel
+from models.cpu_features import cpu_native_bf16
 from models.errors import ModelInputError, WeightsNotFoundError
 from models.types import FaceBox
 from models.weights_locator import file_sha256
@@ -165,8 +166,15 @@ class FaceAttributeModel(InferenceModel):
 
     def __init__(self, emotion_path: Path | str | None = EMOTION_WEIGHTS,
                  age_gender_path: Path | str | None = AGE_GENDER_WEIGHTS,
-                 landmark_detector: object | None = None, flip: bool = True) -> None:
+                 landmark_detector: object | None = None, flip: bool = True, precision: str = "auto") -> None:
         super().__init__()
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+        #: the emotion networks run under bf16 autocast where the CPU computes bf16 natively
+        #: ("auto"): on the select split the shipped ensemble gave the same accuracy (0.690)
+        #: with 99.8 % of answers equal to fp32's, at 1.4-1.9x the speed (docs/attributes.md).
+        #: Like the embedder's precision it is not part of ``version``.
+        self.bf16 = precision == "bf16" or (precision == "auto" and cpu_native_bf16())
         self.emotion_path = Path(emotion_path) if emotion_path is not None else None
         self.age_gender_path = Path(age_gender_path) if age_gender_path is not None else None
         self.landmark_detector = landmark_detector
@@ -331,7 +339,9 @@ class FaceAttributeModel(InferenceModel):
     @torch.inference_mode()
     def _emotions(self, image: np.ndarray, boxes: list[FaceBox]) -> np.ndarray:
         frames = fer_frames(image, boxes, self._emotion.extra["framing"])
-        return predict_proba(self._emotion.net, torch.from_numpy(frames).unsqueeze(1), flip=self.flip).numpy()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            p = predict_proba(self._emotion.net, torch.from_numpy(frames).unsqueeze(1), flip=self.flip)
+        return p.float().numpy()
 
     @torch.inference_mode()
     def _ages_genders(self, image: np.ndarray, boxes: list[FaceBox],
