@@ -86,6 +86,15 @@ def test_files_that_do_not_fit_are_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ens.pt: not a single emotion network"):
         build_ensemble([a, ens], tmp_path / "nested.pt")  # members are networks, not ensembles
     assert not (tmp_path / "nested.pt").exists()
+    # a hand-made ensemble file with one member is refused by the app, by name, not half-loaded
+    from models.attributes.analyzer import EMOTION_ENSEMBLE_FORMAT
+    from models.errors import ModelInputError
+
+    doc = torch.load(ens, map_location="cpu", weights_only=True)
+    torch.save({"format": EMOTION_ENSEMBLE_FORMAT, "members": doc["members"][:1],
+                "meta": {**doc["meta"], "members": doc["meta"]["members"][:1]}}, tmp_path / "one.pt")
+    with pytest.raises(ModelInputError, match="one.pt: an ensemble file needs two or more"):
+        FaceAttributeModel(emotion_path=tmp_path / "one.pt", age_gender_path=None).load()
 
 
 @pytest.mark.skipif(not EMOTION_WEIGHTS.is_file(), reason="emotion weights not in models/weights/")

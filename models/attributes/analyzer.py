@@ -93,6 +93,7 @@ AGE_GENDER_FORMAT = "facelab-age-gender/1"
 HOW_TO_GET = {
     "emotion": "It ships with FaceLab (git checkout of models/weights/); to train it again: "
                "python -m models.training.emotion_trainer --fer FER2013_DIR --out RUN_DIR --export PATH "
+               "for each network, then python -m models.training.emotion_ensemble PATH... --out FILE "
                "(docs/attributes.md).",
     "age_gender": "It ships with FaceLab (git checkout of models/weights/); to train it again: "
                   "python -m models.training.utk_data ... then python -m models.training.age_gender_trainer "
@@ -217,7 +218,7 @@ class FaceAttributeModel(InferenceModel):
             return fold_batch_norm(net.eval())
 
         if doc["format"] == EMOTION_ENSEMBLE_FORMAT:
-            if len(doc["members"]) != len(meta["members"]) or len(doc["members"]) < 2:
+            if len(doc.get("members", ())) != len(meta.get("members", ())) or len(doc["members"]) < 2:
                 raise ModelInputError(f"{path}: an ensemble file needs two or more members, each with its meta")
             net = EmotionEnsemble([network(m, st) for m, st in zip(meta["members"], doc["members"])]).eval()
         else:
