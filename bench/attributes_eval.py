@@ -181,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         "what": "test-set results of models/weights/emotion-fer2013.pt and age-gender-utkface.pt (fp16, as shipped)",
         "command": "python " + " ".join(sys.argv),
         "weights": {"emotion": EMOTION_WEIGHTS.name, "age_gender": AGE_GENDER_WEIGHTS.name, "version": model.version},
-        # bf16 autocast where the CPU has it natively (the app's "auto"), else fp32
-        "emotion_precision": "bf16" if model.bf16 else "fp32",
+        # _probs calls predict_proba without autocast: these figures are the networks in fp32
+        # (the app runs them in bf16 where the CPU has it natively; on the select split both
+        # gave 0.6898, docs/attributes.md)
+        "emotion_precision": "fp32",
         "fer2013_test": fer, "utkface_test": utk,
         "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
     }

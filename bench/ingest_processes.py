@@ -172,6 +172,8 @@ def main() -> None:
                     "command": "python " + " ".join(sys.argv), "runs": []}
     runners = {"shares": run, "queue": run_queue}
     emotion_names = [w.name if w else "shipped" for w in args.emotion_weights]
+    if len(set(emotion_names)) < len(emotion_names):  # two best.pt from two runs: keep them apart
+        emotion_names = [str(w) if w else "shipped" for w in args.emotion_weights]
 
     def key(mode: str, n: int, precision: str, emotion: str) -> str:
         return (f"{mode} x{n}" + (f" {precision}" if len(args.precisions) > 1 else "")
